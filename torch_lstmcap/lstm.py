@@ -1,0 +1,511 @@
+"""The LSTM and its hand-written gradient.
+
+One step of the LSTM, for a batch of N inputs x: (N, D) and a state prev_h, prev_c: (N, H):
+
+    a = x @ Wx + prev_h @ Wh + b                  (N, 4H), the four gate blocks in GATE_ORDER
+    i, f, o = sigmoid(a_i), sigmoid(a_f), sigmoid(a_o)
+    g = tanh(a_g)
+    next_c = f * prev_c + i * g
+    next_h = o * tanh(next_c)
+
+`lstm_step` runs one step (`LSTMStepFunction`) and `lstm_forward` a whole sequence
+(`LSTMSequenceFunction`); both carry a backward written by hand and checked against autograd
+in the tests. `LSTM` is the layer that holds Wx: (D, 4H), Wh: (H, 4H) and b: (4H,) and converts
+to and from `torch.nn.LSTM`.
+
+Both Functions compute in the dtype of their inputs. Under `torch.autocast` the public
+functions first cast every floating input to the autocast dtype, so the forward and the
+backward run in that one dtype.
+"""
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "GATE_ORDER",
+    "LSTM",
+    "LSTMSequenceFunction",
+    "LSTMStepFunction",
+    "lstm_forward",
+    "lstm_step",
+    "split_gates",
+]
+
+GATE_ORDER = ("i", "f", "o", "g")
+"""The order of the four H-wide gate blocks along the last dimension of a, Wx, Wh and b."""
+
+# torch.nn.LSTM stacks the same four blocks as i, f, g, o.
+_TORCH_GATE_ORDER = ("i", "f", "g", "o")
+
+# g is last, so the three sigmoid gates i, f, o form one contiguous block [0, 3H) that a single
+# sigmoid_ call activates, and the tanh gate g is the block [3H, 4H).
+_TANH_GATE = GATE_ORDER.index("g")
+_OUTPUT_GATE = GATE_ORDER.index("o")
+
+
+def split_gates(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Split gate blocks into views, in GATE_ORDER.
+
+    Args:
+        a: (..., 4H) pre-activations, activated gates or their gradients.
+
+    Returns:
+        The views (i, f, o, g), each (..., H).
+    """
+    return a.chunk(len(GATE_ORDER), dim=-1)
+
+
+def _activate_gates_(a: Tensor) -> Tensor:
+    """Apply sigmoid to i, f, o and tanh to g, in place. a: (..., 4H)."""
+    split = _TANH_GATE * (a.shape[-1] // len(GATE_ORDER))
+    a[..., :split].sigmoid_()
+    a[..., split:].tanh_()
+    return a
+
+
+def _shape_text(dims: str, sizes: tuple[int, ...]) -> str:
+    return f"{dims} = {sizes}" if sizes else dims
+
+
+def _check(name: str, tensor: object, dims: str, sizes: tuple[int, ...], like: Tensor) -> None:
+    """Raise ValueError unless tensor is a tensor of the given sizes on like's dtype and device.
+
+    dims names the dimensions, e.g. "(N, H)", for the message.
+    """
+    expected = _shape_text(dims, sizes)
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"{name} must be a tensor of shape {expected}, got {type(tensor)}")
+    if tuple(tensor.shape) != sizes:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(tensor.shape)}")
+    if tensor.dtype != like.dtype:
+        raise ValueError(f"{name} must have dtype {like.dtype} like x, got {tensor.dtype}")
+    if tensor.device != like.device:
+        raise ValueError(f"{name} must be on device {like.device} like x, got {tensor.device}")
+
+
+def _check_input(x: object, dims: str) -> Tensor:
+    """Check that x is a floating tensor with len(dims) dimensions; return it."""
+    ndim = dims.count(",") + 1
+    if not isinstance(x, Tensor) or x.dim() != ndim:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x)
+        raise ValueError(f"x must have shape {dims}, got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating point tensor, got {x.dtype}")
+    return x
+
+
+def _check_weights(Wx: object, Wh: object, b: object, x: Tensor) -> int:
+    """Check Wx: (D, 4H), Wh: (H, 4H), b: (4H,) against x: (..., D); return H."""
+    if not isinstance(Wh, Tensor) or Wh.dim() != 2 or Wh.shape[1] != 4 * Wh.shape[0]:
+        got = tuple(Wh.shape) if isinstance(Wh, Tensor) else type(Wh)
+        raise ValueError(f"Wh must have shape (H, 4H), got {got}")
+    H = Wh.shape[0]
+    if H == 0:
+        raise ValueError("Wh must have shape (H, 4H) with H >= 1, got (0, 0)")
+    _check("Wh", Wh, "(H, 4H)", (H, 4 * H), x)
+    _check("Wx", Wx, "(D, 4H)", (x.shape[-1], 4 * H), x)
+    _check("b", b, "(4H,)", (4 * H,), x)
+    return H
+
+
+def _autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Cast the floating tensors to the autocast dtype when autocast is on for their device.
+
+    Casting before the Function (not inside it) records the casts in the graph, so gradients
+    reach float32 parameters in their own dtype, while forward and backward both run in the
+    autocast dtype.
+    """
+    device_type = tensors[0].device.type if isinstance(tensors[0], Tensor) else "cpu"
+    if not torch.amp.is_autocast_available(device_type):
+        return tensors
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors
+    )
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Disable autocast on device, so the Functions compute in their inputs' dtype."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
+class LSTMStepFunction(torch.autograd.Function):
+    """One LSTM step with a hand-written backward.
+
+    forward(x, prev_h, prev_c, Wx, Wh, b) -> (next_h, next_c)
+        x: (N, D), prev_h: (N, H), prev_c: (N, H), Wx: (D, 4H), Wh: (H, 4H), b: (4H,)
+        next_h: (N, H), next_c: (N, H)
+    """
+
+    @staticmethod
+    def forward(ctx, x, prev_h, prev_c, Wx, Wh, b):
+        _check_input(x, "(N, D)")
+        H = _check_weights(Wx, Wh, b, x)
+        N = x.shape[0]
+        _check("prev_h", prev_h, "(N, H)", (N, H), x)
+        _check("prev_c", prev_c, "(N, H)", (N, H), x)
+
+        with _autocast_off(x.device):
+            gates = torch.addmm(b, x, Wx).addmm_(prev_h, Wh)  # (N, 4H)
+            _activate_gates_(gates)
+            i, f, o, g = split_gates(gates)
+            next_c = torch.addcmul(f * prev_c, i, g)
+            tanh_next_c = next_c.tanh()
+            next_h = o * tanh_next_c
+
+        ctx.save_for_backward(x, prev_h, prev_c, Wx, Wh, gates, tanh_next_c)
+        return next_h, next_c
+
+    @staticmethod
+    def backward(ctx, grad_next_h, grad_next_c):
+        x, prev_h, prev_c, Wx, Wh, gates, tanh_next_c = ctx.saved_tensors
+        need_x, need_prev_h, need_prev_c, need_Wx, need_Wh, need_b = ctx.needs_input_grad
+        grad_x = grad_prev_h = grad_prev_c = grad_Wx = grad_Wh = grad_b = None
+
+        with _autocast_off(x.device):
+            i, f, o, g = split_gates(gates)
+
+            # next_c reaches the loss directly and through next_h = o * tanh(next_c):
+            # dnext_c += dnext_h * o * tanh'(next_c), with tanh' = 1 - tanh^2 from the saved
+            # tanh(next_c).
+            dnext_c = torch.addcmul(grad_next_c, grad_next_h, o * (1 - tanh_next_c.square()))
+
+            # Gradients with respect to the activated gates:
+            #   next_h = o * tanh(next_c)          ->  do = dnext_h * tanh(next_c)
+            #   next_c = f * prev_c + i * g        ->  di = dnext_c * g
+            #                                          df = dnext_c * prev_c
+            #                                          dg = dnext_c * i
+            grad_gates = torch.empty_like(gates)
+            di, df, do, dg = split_gates(grad_gates)
+            torch.mul(dnext_c, g, out=di)
+            torch.mul(dnext_c, prev_c, out=df)
+            torch.mul(grad_next_h, tanh_next_c, out=do)
+            torch.mul(dnext_c, i, out=dg)
+
+            # Through the nonlinearities, with derivatives from the saved outputs:
+            #   sigmoid'(a) = s * (1 - s) for s in i, f, o;  tanh'(a_g) = 1 - g^2.
+            # grad_gates becomes da, the gradient of the pre-activation a.
+            split = _TANH_GATE * gates.shape[1] // len(GATE_ORDER)
+            sigmoid_gates = gates[:, :split]
+            grad_gates[:, :split].mul_(sigmoid_gates * (1 - sigmoid_gates))
+            dg.mul_(1 - g.square())
+            da = grad_gates
+
+            # a = x @ Wx + prev_h @ Wh + b, so each gradient is one matrix product.
+            if need_x:
+                grad_x = da @ Wx.t()
+            if need_prev_h:
+                grad_prev_h = da @ Wh.t()
+            if need_Wx:
+                grad_Wx = x.t() @ da
+            if need_Wh:
+                grad_Wh = prev_h.t() @ da
+            if need_b:
+                grad_b = da.sum(0)
+            # next_c = f * prev_c + ...  ->  dprev_c = dnext_c * f
+            if need_prev_c:
+                grad_prev_c = dnext_c * f
+
+        return grad_x, grad_prev_h, grad_prev_c, grad_Wx, grad_Wh, grad_b
+
+
+class LSTMSequenceFunction(torch.autograd.Function):
+    """An LSTM over a whole sequence with a hand-written backward.
+
+    forward(x, h0, c0, Wx, Wh, b) -> (h, h_n, c_n)
+        x: (N, T, D), h0: (N, H), c0: (N, H), Wx: (D, 4H), Wh: (H, 4H), b: (4H,)
+        h: (N, T, H) the hidden state of every step, h_n: (N, H) and c_n: (N, H) the last state.
+
+    The input projection of all T steps is one matrix product before the loop; the loop adds
+    prev_h @ Wh in place into that buffer and activates it there. The backward loop only
+    produces da for every step; dx, dWx, dWh and db are one matrix product or reduction each.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, Wx, Wh, b):
+        _check_input(x, "(N, T, D)")
+        N, T, D = x.shape
+        if T == 0:
+            raise ValueError("x must have shape (N, T, D) with T >= 1, got T = 0")
+        H = _check_weights(Wx, Wh, b, x)
+        _check("h0", h0, "(N, H)", (N, H), x)
+        _check("c0", c0, "(N, H)", (N, H), x)
+
+        with _autocast_off(x.device):
+            gates = torch.addmm(b, x.reshape(N * T, D), Wx).view(N, T, 4 * H)
+            # cells[:, t] is the cell state entering step t: cells[:, 0] = c0.
+            cells = x.new_empty(N, T + 1, H)
+            cells[:, 0] = c0
+            tanh_cells = x.new_empty(N, T, H)
+            h = x.new_empty(N, T, H)
+
+            prev_h = h0
+            for t in range(T):
+                a = gates[:, t]
+                a.addmm_(prev_h, Wh)
+                _activate_gates_(a)
+                i, f, o, g = split_gates(a)
+                next_c = cells[:, t + 1]
+                torch.mul(f, cells[:, t], out=next_c)
+                next_c.addcmul_(i, g)
+                torch.tanh(next_c, out=tanh_cells[:, t])
+                torch.mul(o, tanh_cells[:, t], out=h[:, t])
+                prev_h = h[:, t]
+
+        ctx.save_for_backward(x, h0, Wx, Wh, gates, cells, tanh_cells, h)
+        return h, h[:, -1].clone(), cells[:, -1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_h, grad_h_n, grad_c_n):
+        x, h0, Wx, Wh, gates, cells, tanh_cells, h = ctx.saved_tensors
+        need_x, need_h0, need_c0, need_Wx, need_Wh, need_b = ctx.needs_input_grad
+        grad_x = grad_h0 = grad_c0 = grad_Wx = grad_Wh = grad_b = None
+        N, T, D = x.shape
+        H = Wh.shape[0]
+
+        with _autocast_off(x.device):
+            i, f, o, g = split_gates(gates)  # each (N, T, H)
+            prev_c = cells[:, :T]
+
+            # Per step, with dh the gradient reaching h_t (from the output h and from step t+1)
+            # and dc the gradient reaching c_t from step t+1:
+            #   h = o * tanh(c)       ->  dc += dh * o * (1 - tanh(c)^2)   (the path into the
+            #                             cell gradient through h)
+            #                             da_o = dh * tanh(c) * o * (1 - o)
+            #   c = f * prev_c + i*g  ->  da_i = dc * g * i * (1 - i)
+            #                             da_f = dc * prev_c * f * (1 - f)
+            #                             da_g = dc * i * (1 - g^2)
+            #                             dprev_c = dc * f
+            #   a = x Wx + prev_h Wh + b  ->  dprev_h = da @ Wh^T
+            # The factors that do not depend on dh or dc are computed here, for all steps at
+            # once, from the saved activations: local = (g i(1-i), prev_c f(1-f),
+            # tanh(c) o(1-o), i (1-g^2)) in GATE_ORDER, and cell_from_h = o (1 - tanh(c)^2).
+            local = torch.empty_like(gates)
+            local_i, local_f, local_o, local_g = split_gates(local)
+            split = _TANH_GATE * H
+            sigmoid_gates = gates[..., :split]
+            sigmoid_grads = local[..., :split]
+            torch.mul(sigmoid_gates, sigmoid_gates, out=sigmoid_grads)
+            torch.sub(sigmoid_gates, sigmoid_grads, out=sigmoid_grads)
+            local_i.mul_(g)
+            local_f.mul_(prev_c)
+            local_o.mul_(tanh_cells)
+            torch.mul(g, g, out=local_g)
+            torch.addcmul(i, i, local_g, value=-1, out=local_g)
+            cell_from_h = torch.mul(tanh_cells, tanh_cells)
+            torch.addcmul(o, o, cell_from_h, value=-1, out=cell_from_h)
+
+            da = torch.empty_like(gates)
+            da_o = split_gates(da)[_OUTPUT_GATE]
+            dc = grad_c_n.clone(memory_format=torch.contiguous_format)
+            dh = torch.empty_like(dc)
+            Wh_t = Wh.t()
+            for t in reversed(range(T)):
+                if t == T - 1:
+                    torch.add(grad_h[:, t], grad_h_n, out=dh)
+                else:
+                    torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
+                dc.addcmul_(dh, cell_from_h[:, t])
+                # All four blocks as dc * local in one broadcast product; the output gate,
+                # which depends on dh instead, is then overwritten.
+                torch.mul(
+                    local[:, t].view(N, len(GATE_ORDER), H),
+                    dc.unsqueeze(1),
+                    out=da[:, t].view(N, len(GATE_ORDER), H),
+                )
+                torch.mul(local_o[:, t], dh, out=da_o[:, t])
+                dc.mul_(f[:, t])
+
+            da_flat = da.view(N * T, 4 * H)
+            if need_x:
+                grad_x = (da_flat @ Wx.t()).view(N, T, D)
+            if need_h0:
+                grad_h0 = da[:, 0] @ Wh_t
+            if need_c0:
+                grad_c0 = dc
+            if need_Wx:
+                grad_Wx = x.reshape(N * T, D).t() @ da_flat
+            if need_Wh:
+                prev_h = torch.empty_like(h)
+                prev_h[:, 0] = h0
+                prev_h[:, 1:] = h[:, :-1]
+                grad_Wh = prev_h.view(N * T, H).t() @ da_flat
+            if need_b:
+                grad_b = da_flat.sum(0)
+
+        return grad_x, grad_h0, grad_c0, grad_Wx, grad_Wh, grad_b
+
+
+def lstm_step(
+    x: Tensor, prev_h: Tensor, prev_c: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Run one LSTM step.
+
+    Args:
+        x: (N, D) input.
+        prev_h: (N, H) previous hidden state.
+        prev_c: (N, H) previous cell state.
+        Wx: (D, 4H) input weights, gate blocks in GATE_ORDER.
+        Wh: (H, 4H) recurrent weights, gate blocks in GATE_ORDER.
+        b: (4H,) bias, gate blocks in GATE_ORDER.
+
+    Returns:
+        next_h: (N, H) and next_c: (N, H).
+
+    Raises:
+        ValueError: an argument has the wrong shape, dtype or device.
+    """
+    return LSTMStepFunction.apply(*_autocast_inputs(x, prev_h, prev_c, Wx, Wh, b))
+
+
+def lstm_forward(
+    x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor, c0: Tensor | None = None
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Run an LSTM over a batch of sequences.
+
+    Args:
+        x: (N, T, D) inputs, batch first.
+        h0: (N, H) initial hidden state.
+        Wx: (D, 4H) input weights, gate blocks in GATE_ORDER.
+        Wh: (H, 4H) recurrent weights, gate blocks in GATE_ORDER.
+        b: (4H,) bias, gate blocks in GATE_ORDER.
+        c0: (N, H) initial cell state; zeros when None.
+
+    Returns:
+        h: (N, T, H) the hidden state after every step, and (h_n, c_n): (N, H) each, the
+        state after the last step.
+
+    Raises:
+        ValueError: an argument has the wrong shape, dtype or device.
+    """
+    if c0 is None and isinstance(h0, Tensor):
+        c0 = torch.zeros_like(h0)
+    h, h_n, c_n = LSTMSequenceFunction.apply(*_autocast_inputs(x, h0, c0, Wx, Wh, b))
+    return h, (h_n, c_n)
+
+
+def _reorder_gates(weight: Tensor, source: tuple[str, ...], target: tuple[str, ...]) -> Tensor:
+    """Permute the four gate blocks along dim 0 of weight: (4H, ...) from source to target."""
+    blocks = weight.chunk(len(source), dim=0)
+    return torch.cat([blocks[source.index(gate)] for gate in target], dim=0)
+
+
+class LSTM(nn.Module):
+    """A single-layer, batch-first LSTM on `lstm_forward`.
+
+    Parameters: Wx: (D, 4H), Wh: (H, 4H), b: (4H,), gate blocks in GATE_ORDER. Wx and Wh are
+    drawn from uniform(-1/sqrt(H), 1/sqrt(H)) as in torch.nn.LSTM; b is zero except the forget
+    gate block, which starts at forget_bias (1.0 by default) so that early in training the cell
+    keeps its state instead of forgetting it.
+
+    Args:
+        input_size: D.
+        hidden_size: H.
+        forget_bias: initial value of the forget gate bias.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        forget_bias: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.forget_bias = forget_bias
+        self.Wx = nn.Parameter(torch.empty(input_size, 4 * hidden_size, **factory))
+        self.Wh = nn.Parameter(torch.empty(hidden_size, 4 * hidden_size, **factory))
+        self.b = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.Wx.uniform_(-bound, bound)
+            self.Wh.uniform_(-bound, bound)
+            self.b.zero_()
+            split_gates(self.b)[GATE_ORDER.index("f")].fill_(self.forget_bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
+
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Run the layer over x.
+
+        Args:
+            x: (N, T, D) inputs.
+            state: (h0, c0), each (N, H); zeros when None.
+
+        Returns:
+            h: (N, T, H) and (h_n, c_n), each (N, H).
+        """
+        if state is None:
+            h0 = x.new_zeros(x.shape[0], self.hidden_size)
+            c0 = h0
+        else:
+            h0, c0 = state
+        return lstm_forward(x, h0, self.Wx, self.Wh, self.b, c0=c0)
+
+    @classmethod
+    def from_torch(cls, module: nn.LSTM) -> "LSTM":
+        """Build an LSTM with the weights of a single-layer, unidirectional torch.nn.LSTM.
+
+        The layer is batch first whatever module.batch_first says; the two biases of
+        torch.nn.LSTM are summed into b.
+
+        Raises:
+            ValueError: module has more than one layer, two directions or a projection.
+        """
+        if module.num_layers != 1 or module.bidirectional or module.proj_size != 0:
+            raise ValueError(
+                "from_torch needs a single-layer, unidirectional nn.LSTM without projection, "
+                f"got num_layers={module.num_layers}, bidirectional={module.bidirectional}, "
+                f"proj_size={module.proj_size}"
+            )
+        weight_ih = module.weight_ih_l0.detach()
+        layer = cls(
+            module.input_size, module.hidden_size, device=weight_ih.device, dtype=weight_ih.dtype
+        )
+        with torch.no_grad():
+            layer.Wx.copy_(_reorder_gates(weight_ih, _TORCH_GATE_ORDER, GATE_ORDER).t())
+            layer.Wh.copy_(
+                _reorder_gates(module.weight_hh_l0.detach(), _TORCH_GATE_ORDER, GATE_ORDER).t()
+            )
+            if module.bias:
+                bias = module.bias_ih_l0.detach() + module.bias_hh_l0.detach()
+                layer.b.copy_(_reorder_gates(bias, _TORCH_GATE_ORDER, GATE_ORDER))
+            else:
+                layer.b.zero_()
+        return layer
+
+    def to_torch(self) -> nn.LSTM:
+        """Return a batch-first torch.nn.LSTM computing the same function.
+
+        b goes into bias_ih_l0; bias_hh_l0 is zero.
+        """
+        module = nn.LSTM(
+            self.input_size,
+            self.hidden_size,
+            batch_first=True,
+            device=self.Wx.device,
+            dtype=self.Wx.dtype,
+        )
+        with torch.no_grad():
+            module.weight_ih_l0.copy_(_reorder_gates(self.Wx.t(), GATE_ORDER, _TORCH_GATE_ORDER))
+            module.weight_hh_l0.copy_(_reorder_gates(self.Wh.t(), GATE_ORDER, _TORCH_GATE_ORDER))
+            module.bias_ih_l0.copy_(_reorder_gates(self.b, GATE_ORDER, _TORCH_GATE_ORDER))
+            module.bias_hh_l0.zero_()
+        return module

@@ -1,0 +1,234 @@
+"""The pieces of a training run: caption batches, one epoch of teacher forcing, evaluation.
+
+``train.py`` strings these together; they are here so that tests and notebooks can use them
+without the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .captioner import Captioner
+from .datasets import ImageCaptions
+from .decoding import beam_search
+from .encoder import ImageEncoder, load_image
+from .metrics import score_captions
+from .vocab import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class CaptionPairs(Dataset):
+    """Every (image, caption) pair of a split; an epoch sees each human caption once.
+
+    With ``features`` (N, F) the item's image is its cached feature row; without, it is the
+    photograph itself, preprocessed for ``encoder`` (for ``--fine-tune-encoder``).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageCaptions],
+        vocab: Vocabulary,
+        max_length: int,
+        features: np.ndarray | None = None,
+        encoder: ImageEncoder | None = None,
+        skip: set[int] = frozenset(),
+    ):
+        if (features is None) == (encoder is None):
+            raise ValueError("give exactly one of features or encoder")
+        self.records = records
+        self.features = features
+        self.encoder = encoder
+        self.pairs = [
+            (image, vocab.encode(caption, max_length))
+            for image, record in enumerate(records)
+            if image not in skip
+            for caption in record.captions
+        ]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
+        image, caption = self.pairs[index]
+        if self.features is not None:
+            return torch.from_numpy(np.array(self.features[image])), caption
+        photo = load_image(self.records[image].image_path)
+        return self.encoder.preprocess(photo), caption
+
+
+def collate_captions(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(image, ids)] -> images (B, ...), captions (B, L) padded with ``pad_id``."""
+    images = torch.stack([image for image, _ in batch])
+    length = max(len(ids) for _, ids in batch)
+    captions = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    for row, (_, ids) in enumerate(batch):
+        captions[row, : len(ids)] = torch.tensor(ids)
+    return images, captions
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.05) -> Callable:
+    """Learning-rate multiplier: linear warm-up, then cosine decay to ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    steps: int
+    seconds: float
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    device: torch.device,
+    encoder: ImageEncoder | None = None,
+    clip_norm: float = 2.0,
+    label_smoothing: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    epoch: int = 0,
+    progress: bool = True,
+) -> EpochResult:
+    """One pass of teacher forcing over ``loader``.
+
+    ``model`` may be a DistributedDataParallel wrapper around a :class:`Captioner`; with
+    ``encoder`` the loader yields images, which go through the encoder (being fine-tuned).
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite (nothing is stepped with it).
+    """
+    import time
+
+    captioner = model.module if hasattr(model, "module") else model
+    model.train()
+    if encoder is not None:
+        encoder.train()
+    start, total, steps = time.perf_counter(), 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    for images, captions in bar:
+        images, captions = images.to(device), captions.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            features = encoder(images) if encoder is not None else images
+            logits = model(features, captions)
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                captions[:, 1:].reshape(-1),
+                ignore_index=captioner.config.pad_id,
+                label_smoothing=label_smoothing,
+            )
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch}, step {steps}")
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+        optimizer.step()
+        scheduler.step()
+
+        total += loss.item()
+        steps += 1
+        bar.set_postfix(loss=f"{total / steps:.3f}")
+    return EpochResult(total / max(1, steps), steps, time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def caption_features(
+    model: Captioner,
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    *,
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float | None = None,
+    batch_size: int = 250,
+    progress: bool = False,
+) -> list[str]:
+    """Beam-search one caption for each row of ``features``: (N, F) -> N strings."""
+    model.eval()
+    device = next(model.parameters()).device
+    options = {} if length_penalty is None else {"length_penalty": length_penalty}
+    captions = []
+    starts = range(0, len(features), batch_size)
+    for start in tqdm(starts, desc="decoding", unit="batch", disable=not progress, leave=False):
+        batch = features[start : start + batch_size].to(device, torch.float32)
+        results = beam_search(
+            model,
+            batch,
+            start_id=vocab.start_id,
+            end_id=vocab.end_id,
+            unk_id=vocab.unk_id,
+            pad_id=vocab.pad_id,
+            beam_size=beam_size,
+            max_length=max_length,
+            **options,
+        )
+        captions.extend(vocab.decode(best[0].token_ids) for best in results)
+    return captions
+
+
+def evaluate(
+    model: Captioner,
+    records: Sequence[ImageCaptions],
+    features: torch.Tensor,
+    vocab: Vocabulary,
+    *,
+    beam_size: int = 3,
+    max_length: int = 20,
+    length_penalty: float | None = None,
+    metrics: Sequence[str] | None = None,
+    skip: set[int] = frozenset(),
+    progress: bool = False,
+) -> tuple[dict, dict[str, str]]:
+    """Caption every image of a split and score against all its human captions.
+
+    Returns:
+        (scores, predictions): metric name -> value (None if unavailable), and
+        image id -> generated caption.
+    """
+    keep = [index for index in range(len(records)) if index not in skip]
+    captions = caption_features(
+        model,
+        features[keep],
+        vocab,
+        beam_size=beam_size,
+        max_length=max_length,
+        length_penalty=length_penalty,
+        progress=progress,
+    )
+    predictions = {
+        records[index].image_id: text for index, text in zip(keep, captions, strict=True)
+    }
+    references = {records[index].image_id: list(records[index].captions) for index in keep}
+    scores = score_captions(predictions, references, metrics=metrics)
+    return scores, predictions
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

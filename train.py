@@ -1,0 +1,455 @@
+"""Train, fine-tune or evaluate an LSTM captioner.
+
+On one machine (frozen encoder, features cached once):
+
+    python train.py --data-format flickr8k --data-root ../shared/data/flickr8k --out runs/f8k
+
+On several GPUs or machines, the same command under torchrun:
+
+    torchrun --nproc-per-node 4 train.py --data-format coco --data-root /data/coco --out runs/c
+
+Fine-tune an existing model on new captions, or score a checkpoint:
+
+    python train.py --data-format csv --data-root photos/ --split-file photos/captions.csv \\
+        --init-from torch_lstmcap/default_model/flickr8k_lite0.safetensors --extend-vocab --out r
+    python train.py --eval-only --checkpoint runs/f8k/best.safetensors --data-format flickr8k \\
+        --data-root ../shared/data/flickr8k --split val --metrics-out metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from torch_lstmcap.captioner import Captioner, CaptionerConfig
+from torch_lstmcap.checkpoint import (
+    CheckpointError,
+    EncoderInfo,
+    load_checkpoint,
+    save_checkpoint,
+)
+from torch_lstmcap.datasets import DATA_FORMATS, DatasetError, ImageCaptions, load_dataset
+from torch_lstmcap.encoder import ENCODERS, EncoderError, build_encoder
+from torch_lstmcap.features import build_feature_cache
+from torch_lstmcap.metrics import format_metrics_table
+from torch_lstmcap.report import append_metrics, plot_history, read_metrics, write_sample_page
+from torch_lstmcap.training import (
+    CaptionPairs,
+    NonFiniteLossError,
+    collate_captions,
+    evaluate,
+    seed_everything,
+    train_one_epoch,
+    warmup_cosine,
+)
+from torch_lstmcap.vocab import Vocabulary, tokenize
+
+log = logging.getLogger("train")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train or evaluate a torch_lstmcap captioner.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-format", required=True, choices=DATA_FORMATS)
+    data.add_argument("--data-root", required=True, type=Path, help="dataset folder")
+    data.add_argument(
+        "--split-file",
+        type=Path,
+        help="Karpathy JSON or CSV caption file (default: inside --data-root)",
+    )
+    data.add_argument("--split", default="test", help="split scored by --eval-only")
+    data.add_argument("--year", type=int, default=2017, help="COCO release year")
+    data.add_argument("--max-images", type=int, help="use only the first N training images")
+    data.add_argument("--cache-dir", type=Path, help="feature cache folder")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--encoder", default="efficientnet-lite0", choices=ENCODERS)
+    model.add_argument("--hidden-size", type=int, default=512)
+    model.add_argument("--dropout", type=float, default=0.5)
+    model.add_argument("--min-count", type=int, default=5, help="rarer words become <unk>")
+    model.add_argument("--max-length", type=int, default=20, help="words per caption at most")
+    model.add_argument("--init-from", type=Path, help="start from this checkpoint's weights")
+    model.add_argument(
+        "--extend-vocab", action="store_true", help="with --init-from: add the new data's words"
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--out", type=Path, help="run directory (checkpoints, logs, plots)")
+    optim.add_argument("--epochs", type=int, default=20)
+    optim.add_argument("--batch-size", type=int, default=128)
+    optim.add_argument("--lr", type=float, default=2e-3)
+    optim.add_argument("--weight-decay", type=float, default=1e-2)
+    optim.add_argument("--warmup-steps", type=int, default=300)
+    optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument("--clip-norm", type=float, default=2.0)
+    optim.add_argument("--patience", type=int, default=4, help="epochs without a better CIDEr")
+    optim.add_argument("--fine-tune-encoder", action="store_true")
+    optim.add_argument("--encoder-lr", type=float, default=1e-5)
+    optim.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+    optim.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--num-workers", type=int, default=2)
+    optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+    decode = parser.add_argument_group("decoding and evaluation")
+    decode.add_argument("--beam-size", type=int, default=3)
+    decode.add_argument("--length-penalty", type=float, help="length normalisation exponent")
+    decode.add_argument("--eval-only", action="store_true")
+    decode.add_argument("--checkpoint", type=Path, help="checkpoint scored by --eval-only")
+    decode.add_argument("--metrics-out", type=Path, help="JSON file for --eval-only scores")
+    decode.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+@dataclass
+class Split:
+    """A split's records and its image features (cached), minus unreadable photographs."""
+
+    records: list[ImageCaptions]
+    features: torch.Tensor | None
+    skip: set[int]
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(args) -> Distributed:
+    """Join the torchrun process group when launched by torchrun, else run alone."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return Distributed(dist.get_rank(), world_size)
+
+
+def load_split(args, split: str, encoder, runtime: Distributed, with_features: bool) -> Split:
+    records = load_dataset(args.data_format, args.data_root, split, args.split_file, year=args.year)
+    if split == "train" and args.max_images:
+        records = records[: args.max_images]
+    if not with_features:
+        return Split(records, None, set())
+
+    paths = [record.image_path for record in records]
+    # Rank 0 encodes; the other ranks wait, then read the finished cache.
+    if not runtime.is_main:
+        dist.barrier()
+    cache = build_feature_cache(
+        encoder,
+        paths,
+        args.cache_dir,
+        device=args.device,
+        num_workers=args.num_workers,
+        progress=not args.quiet and runtime.is_main,
+    )
+    if runtime.world_size > 1 and runtime.is_main:
+        dist.barrier()
+    # A copy in memory: Flickr8k's 6,000 rows are 30 MB, and reading a memory map row by row
+    # in the training loop would be slower.
+    return Split(records, torch.from_numpy(np.array(cache.features)), set(cache.failed))
+
+
+def build_vocab(args, records: list[ImageCaptions], base: Vocabulary | None) -> Vocabulary:
+    captions = [caption for record in records for caption in record.captions]
+    if base is None:
+        vocab = Vocabulary.build(captions, args.min_count)
+    elif args.extend_vocab:
+        vocab = base.extend(captions, args.min_count)
+    else:
+        vocab = base
+    words = [word for caption in captions for word in tokenize(caption)]
+    unknown = sum(word not in vocab for word in words)
+    log.info(
+        "vocabulary: %d words; %.2f%% of training words are <unk>",
+        len(vocab),
+        100 * unknown / max(1, len(words)),
+    )
+    return vocab
+
+
+def build_model(args, vocab: Vocabulary, encoder) -> tuple[Captioner, dict | None]:
+    """A new captioner, or one initialised from ``--init-from`` (grown to ``vocab``)."""
+    if args.init_from is None:
+        config = CaptionerConfig(
+            vocab_size=len(vocab),
+            feature_dim=encoder.feature_dim,
+            hidden_size=args.hidden_size,
+            dropout=args.dropout,
+            pad_id=vocab.pad_id,
+        )
+        return Captioner(config), None
+    checkpoint = load_checkpoint(args.init_from)
+    if checkpoint.encoder.name != encoder.name:
+        raise CheckpointError(
+            f"{args.init_from} was trained on encoder {checkpoint.encoder.name}, "
+            f"not {encoder.name}; pass --encoder {checkpoint.encoder.name}"
+        )
+    model = checkpoint.model
+    if len(vocab) > model.config.vocab_size:
+        model.extend_vocab(len(vocab))
+    return model, None
+
+
+def build_optimizer(args, model: Captioner, encoder, steps_per_epoch: int):
+    groups = [{"params": list(model.parameters()), "lr": args.lr}]
+    if args.fine_tune_encoder:
+        groups.append({"params": list(encoder.parameters()), "lr": args.encoder_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    factor = warmup_cosine(args.epochs * steps_per_epoch, args.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler
+
+
+def make_loader(args, split: Split, vocab: Vocabulary, encoder, runtime: Distributed):
+    if args.fine_tune_encoder:
+        pairs = CaptionPairs(split.records, vocab, args.max_length, encoder=encoder)
+    else:
+        pairs = CaptionPairs(
+            split.records,
+            vocab,
+            args.max_length,
+            features=split.features.numpy(),
+            skip=split.skip,
+        )
+    sampler = None
+    if runtime.world_size > 1:
+        sampler = DistributedSampler(pairs, shuffle=True, seed=args.seed, drop_last=True)
+    return DataLoader(
+        pairs,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.num_workers if args.fine_tune_encoder else 0,
+        collate_fn=lambda batch: collate_captions(batch, vocab.pad_id),
+    )
+
+
+def save_run(args, path: Path, model, vocab, encoder, training=None, dtype=None, extra=None):
+    save_checkpoint(
+        path, model, vocab, EncoderInfo.of(encoder), training=training, dtype=dtype, extra=extra
+    )
+
+
+def train(args, runtime: Distributed) -> int:
+    device = torch.device(args.device)
+    seed_everything(args.seed + runtime.rank)
+    encoder = build_encoder(args.encoder)
+    train_split = load_split(args, "train", encoder, runtime, not args.fine_tune_encoder)
+    val_split = load_split(args, "val", encoder, runtime, True)
+
+    last_path, best_path = args.out / "last.safetensors", args.out / "best.safetensors"
+    resumed = None
+    if args.resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"--resume: {last_path} does not exist yet")
+        resumed = load_checkpoint(last_path)
+        if resumed.training is None:
+            raise CheckpointError(f"--resume: {last_path} holds no training state")
+        vocab, model = resumed.vocab, resumed.model
+    else:
+        base = load_checkpoint(args.init_from).vocab if args.init_from else None
+        vocab = build_vocab(args, train_split.records, base)
+        model, _ = build_model(args, vocab, encoder)
+
+    model.to(device)
+    encoder.to(device)
+    if not args.fine_tune_encoder:
+        encoder.requires_grad_(False)
+    loader = make_loader(args, train_split, vocab, encoder, runtime)
+    optimizer, scheduler = build_optimizer(args, model, encoder, len(loader))
+    wrapped = model
+    if runtime.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+
+    state = {"epoch": 0, "best_cider": -1.0, "bad_epochs": 0}
+    if resumed is not None:
+        training = resumed.training
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        torch.set_rng_state(training["rng"])
+        state = {key: training[key] for key in state}
+        log.info("resuming after epoch %d (best CIDEr %.3f)", state["epoch"], state["best_cider"])
+
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    metrics_path = args.out / "metrics.jsonl"
+    for epoch in range(state["epoch"] + 1, args.epochs + 1):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        result = train_one_epoch(
+            wrapped,
+            loader,
+            optimizer,
+            scheduler,
+            device=device,
+            encoder=encoder if args.fine_tune_encoder else None,
+            clip_norm=args.clip_norm,
+            label_smoothing=args.label_smoothing,
+            autocast_dtype=autocast,
+            epoch=epoch,
+            progress=not args.quiet and runtime.is_main,
+        )
+
+        stop = torch.zeros(1)
+        if runtime.is_main:
+            scores, predictions = evaluate(
+                model,
+                val_split.records,
+                val_split.features,
+                vocab,
+                beam_size=args.beam_size,
+                max_length=args.max_length,
+                length_penalty=args.length_penalty,
+                metrics=("BLEU-4", "CIDEr"),
+                skip=val_split.skip,
+            )
+            cider = scores["CIDEr"]
+            improved = cider > state["best_cider"]
+            state["epoch"] = epoch
+            state["bad_epochs"] = 0 if improved else state["bad_epochs"] + 1
+            if improved:
+                state["best_cider"] = cider
+                save_run(
+                    args,
+                    best_path,
+                    model,
+                    vocab,
+                    encoder,
+                    dtype=getattr(torch, args.save_dtype),
+                    extra={"epoch": epoch, "val": scores, "args": _args_json(args)},
+                )
+            training = {
+                **state,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
+            save_run(args, last_path, model, vocab, encoder, training=training)
+            record = {
+                "epoch": epoch,
+                "train_loss": result.loss,
+                "seconds": round(result.seconds, 1),
+                "lr": scheduler.get_last_lr()[0],
+                "val": scores,
+            }
+            append_metrics(metrics_path, record)
+            plot_history(read_metrics(metrics_path), args.out / "metrics.png")
+            write_sample_page(
+                args.out / "samples.html", val_split.records, predictions, f"epoch {epoch}"
+            )
+            print(
+                f"epoch {epoch}: loss {result.loss:.3f}, {result.seconds:.0f}s, "
+                f"val BLEU-4 {scores['BLEU-4']:.3f} CIDEr {cider:.3f}"
+                + (" (best)" if improved else ""),
+                flush=True,
+            )
+            stop[0] = float(state["bad_epochs"] >= args.patience)
+        else:
+            state["epoch"] = epoch
+        if runtime.world_size > 1:
+            dist.broadcast(stop, src=0)
+        if stop.item():
+            if runtime.is_main:
+                print(f"early stop: no better CIDEr for {args.patience} epochs", flush=True)
+            break
+
+    if runtime.is_main:
+        print(f"best val CIDEr {state['best_cider']:.3f}; model at {best_path}", flush=True)
+    return 0
+
+
+def evaluate_checkpoint(args) -> int:
+    """--eval-only: decode a split with beam search and score it with every metric."""
+    checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    encoder = build_encoder(checkpoint.encoder.name)
+    split = load_split(args, args.split, encoder, Distributed(), True)
+    start = time.perf_counter()
+    scores, _ = evaluate(
+        checkpoint.model,
+        split.records,
+        split.features,
+        checkpoint.vocab,
+        beam_size=args.beam_size,
+        max_length=args.max_length,
+        length_penalty=args.length_penalty,
+        skip=split.skip,
+        progress=not args.quiet,
+    )
+    scores = {
+        **scores,
+        "images": len(split.records) - len(split.skip),
+        "beam_size": args.beam_size,
+    }
+    print(format_metrics_table(scores))
+    print(f"{scores['images']} images scored in {time.perf_counter() - start:.0f}s")
+    if args.metrics_out:
+        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
+        args.metrics_out.write_text(json.dumps(scores, indent=2) + "\n")
+    return 0
+
+
+def _args_json(args) -> dict:
+    return {
+        key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+    }
+
+
+def main(argv=None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.eval_only and args.checkpoint is None:
+        parser.error("--eval-only needs --checkpoint")
+    if not args.eval_only and args.out is None:
+        parser.error("training needs --out RUN_DIR")
+    if args.extend_vocab and args.init_from is None:
+        parser.error("--extend-vocab needs --init-from")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    runtime = Distributed()
+    try:
+        if args.eval_only:
+            return evaluate_checkpoint(args)
+        runtime = setup_distributed(args)
+        if runtime.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+        return train(args, runtime)
+    except NonFiniteLossError as error:
+        print(f"error: {error}; stopped, the last good checkpoint is kept", file=sys.stderr)
+        return 1
+    except (DatasetError, CheckpointError, EncoderError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        if runtime.world_size > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
