@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +23,15 @@ TRAIN_HINT = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Print a caption for each photograph.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -49,6 +57,8 @@ def main(argv=None) -> int:
         return usage_error("--beam-size and --batch-size must be >= 1, --max-length >= 2")
     if not 1 <= args.top_k <= args.beam_size:
         return usage_error(f"--top-k must be between 1 and --beam-size ({args.beam_size})")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        return usage_error(f"{args.checkpoint}: no such checkpoint file")
 
     # Heavy imports after argument checks, so --help and usage errors answer at once.
     import torch
@@ -84,9 +94,10 @@ def main(argv=None) -> int:
     for result in results:
         if result.error is not None:
             failed += 1
-            print(f"error: {result.error}", file=sys.stderr)
+            print(f"caption.py: {result.error}", file=sys.stderr)
             if args.json:
-                print(json.dumps({"image": result.image, "error": result.error}), flush=True)
+                record = {"image": result.image, "error": result.error}
+                print(json.dumps(record, ensure_ascii=False), flush=True)
             continue
         best = result.captions[0]
         if args.json:
@@ -107,6 +118,10 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except BrokenPipeError:
-        # The reader went away (caption.py ... | head): stop quietly, as Unix tools do.
-        sys.stderr.close()
+        # The reader went away (caption.py ... | head): stop quietly, as Unix tools do. Python
+        # flushes stdout once more at exit, so it must point somewhere that accepts the bytes.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_OK)
+    except KeyboardInterrupt:
+        # Ctrl-C ends the run without a traceback, with the status a shell gives SIGINT.
+        sys.exit(128 + 2)

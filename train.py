@@ -19,6 +19,7 @@ Fine-tune an existing model on new captions, or score a checkpoint:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +44,13 @@ from torch_lstmcap.datasets import DATA_FORMATS, DatasetError, ImageCaptions, lo
 from torch_lstmcap.encoder import ENCODERS, EncoderError, build_encoder
 from torch_lstmcap.features import build_feature_cache
 from torch_lstmcap.metrics import format_metrics_table
-from torch_lstmcap.report import append_metrics, plot_history, read_metrics, write_sample_page
+from torch_lstmcap.report import (
+    append_metrics,
+    plot_history,
+    read_metrics,
+    truncate_metrics,
+    write_sample_page,
+)
 from torch_lstmcap.training import (
     CaptionPairs,
     NonFiniteLossError,
@@ -74,6 +81,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--split", default="test", help="split scored by --eval-only")
     data.add_argument("--year", type=int, default=2017, help="COCO release year")
     data.add_argument("--max-images", type=int, help="use only the first N training images")
+    data.add_argument(
+        "--max-val-images",
+        type=int,
+        help="validate on only the first N val images (quicker epochs, noisier scores)",
+    )
     data.add_argument("--cache-dir", type=Path, help="feature cache folder")
 
     model = parser.add_argument_group("model")
@@ -147,10 +159,13 @@ def setup_distributed(args) -> Distributed:
     return Distributed(dist.get_rank(), world_size)
 
 
-def load_split(args, split: str, encoder, runtime: Distributed, with_features: bool) -> Split:
+def load_split(
+    args, split: str, encoder, runtime: Distributed, with_features: bool, limit: int | None = None
+) -> Split:
+    """Read a split (its first ``limit`` images) and, ``with_features``, its cached features."""
     records = load_dataset(args.data_format, args.data_root, split, args.split_file, year=args.year)
-    if split == "train" and args.max_images:
-        records = records[: args.max_images]
+    if limit:
+        records = records[:limit]
     if not with_features:
         return Split(records, None, set())
 
@@ -257,16 +272,19 @@ def save_run(args, path: Path, model, vocab, encoder, training=None, dtype=None,
 
 def train(args, runtime: Distributed) -> int:
     device = torch.device(args.device)
+    last_path, best_path = args.out / "last.safetensors", args.out / "best.safetensors"
+    # Checked before the features are computed, which can take a while.
+    if args.resume and not last_path.is_file():
+        raise CheckpointError(f"--resume: {last_path} does not exist yet")
     seed_everything(args.seed + runtime.rank)
     encoder = build_encoder(args.encoder)
-    train_split = load_split(args, "train", encoder, runtime, not args.fine_tune_encoder)
-    val_split = load_split(args, "val", encoder, runtime, True)
+    train_split = load_split(
+        args, "train", encoder, runtime, not args.fine_tune_encoder, limit=args.max_images
+    )
+    val_split = load_split(args, "val", encoder, runtime, True, limit=args.max_val_images)
 
-    last_path, best_path = args.out / "last.safetensors", args.out / "best.safetensors"
     resumed = None
     if args.resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"--resume: {last_path} does not exist yet")
         resumed = load_checkpoint(last_path)
         if resumed.training is None:
             raise CheckpointError(f"--resume: {last_path} holds no training state")
@@ -292,7 +310,11 @@ def train(args, runtime: Distributed) -> int:
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
         torch.set_rng_state(training["rng"])
+        if device.type == "cuda" and "cuda_rng" in training:
+            torch.cuda.set_rng_state(training["cuda_rng"], device)
         state = {key: training[key] for key in state}
+        if runtime.is_main:
+            truncate_metrics(args.out / "metrics.jsonl", state["epoch"])
         log.info("resuming after epoch %d (best CIDEr %.3f)", state["epoch"], state["best_cider"])
 
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -342,13 +364,6 @@ def train(args, runtime: Distributed) -> int:
                     dtype=getattr(torch, args.save_dtype),
                     extra={"epoch": epoch, "val": scores, "args": _args_json(args)},
                 )
-            training = {
-                **state,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
-            }
-            save_run(args, last_path, model, vocab, encoder, training=training)
             record = {
                 "epoch": epoch,
                 "train_loss": result.loss,
@@ -356,7 +371,19 @@ def train(args, runtime: Distributed) -> int:
                 "lr": scheduler.get_last_lr()[0],
                 "val": scores,
             }
+            # Logged before the checkpoint: a kill in between leaves an extra record, which
+            # --resume drops, rather than a gap in the log.
             append_metrics(metrics_path, record)
+            training = {
+                **state,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
+            if device.type == "cuda":
+                # Dropout on the GPU draws from the device's generator, not the CPU one.
+                training["cuda_rng"] = torch.cuda.get_rng_state(device)
+            save_run(args, last_path, model, vocab, encoder, training=training)
             plot_history(read_metrics(metrics_path), args.out / "metrics.png")
             write_sample_page(
                 args.out / "samples.html", val_split.records, predictions, f"epoch {epoch}"
@@ -377,9 +404,35 @@ def train(args, runtime: Distributed) -> int:
                 print(f"early stop: no better CIDEr for {args.patience} epochs", flush=True)
             break
 
+    if runtime.world_size > 1:
+        fingerprints = replica_fingerprints(model, runtime)
+        if runtime.is_main:
+            if len(set(fingerprints)) > 1:
+                print(f"error: ranks ended with different weights: {fingerprints}", file=sys.stderr)
+                return 1
+            print(
+                f"weights identical on all {runtime.world_size} ranks "
+                f"(sha256 {fingerprints[0][:16]})",
+                flush=True,
+            )
     if runtime.is_main:
         print(f"best val CIDEr {state['best_cider']:.3f}; model at {best_path}", flush=True)
     return 0
+
+
+def replica_fingerprints(model: Captioner, runtime: Distributed) -> list[str]:
+    """SHA-256 of each rank's weights, gathered on every rank.
+
+    DistributedDataParallel promises identical replicas (same start, same averaged gradients,
+    same steps); comparing fingerprints at the end checks that promise for a few bytes of
+    traffic instead of gathering the weights themselves.
+    """
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().numpy().tobytes())
+    fingerprints = [""] * runtime.world_size
+    dist.all_gather_object(fingerprints, digest.hexdigest())
+    return fingerprints
 
 
 def evaluate_checkpoint(args) -> int:
@@ -436,9 +489,15 @@ def main(argv=None) -> int:
         runtime = setup_distributed(args)
         if runtime.is_main:
             args.out.mkdir(parents=True, exist_ok=True)
+        else:
+            # Every rank reads the same data; one copy of the log is enough.
+            logging.getLogger().setLevel(logging.WARNING)
         return train(args, runtime)
     except NonFiniteLossError as error:
-        print(f"error: {error}; stopped, the last good checkpoint is kept", file=sys.stderr)
+        last = args.out / "last.safetensors"
+        kept = f"{last} is kept" if last.is_file() else "no checkpoint was saved yet"
+        if runtime.is_main:
+            print(f"error: {error}; training stopped, {kept}", file=sys.stderr)
         return 1
     except (DatasetError, CheckpointError, EncoderError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,19 +114,41 @@ def save_checkpoint(
         "extra": json.dumps(extra or {}),
     }
     if training is not None:
-        metadata["training"] = json.dumps(_pack(training, tensors))
+        training_tensors = {}
+        metadata["training"] = json.dumps(_pack(training, training_tensors))
+        tensors.update(training_tensors)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    temporary = _create_temporary(path)
     try:
+        # A plain open() would keep the mode of the file it overwrites, or give a new one
+        # 0o666 less the umask, which the empty temporary file has. safetensors writes through
+        # a temporary file of its own, made readable by its owner only, so set the mode back.
+        mode = stat.S_IMODE((path if path.exists() else temporary).stat().st_mode)
         save_file(tensors, temporary, metadata=metadata)
+        # Without the fsync a crash soon after the rename can leave the new name pointing at
+        # a file whose data never reached the disk. It comes before the chmod, which may make
+        # the file read-only.
+        with open(temporary, "r+b") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def _create_temporary(path: Path) -> Path:
+    """Create an empty, new file beside ``path``, with the mode the umask gives new files."""
+    while True:
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
 
 
 def load_checkpoint(
@@ -147,22 +170,29 @@ def load_checkpoint(
             metadata = reader.metadata() or {}
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({_one_line(error)})"
+        ) from None
 
     header = _parse_header(path, metadata)
     vocab = header["vocab"]
     if expect_vocab is not None and vocab != expect_vocab:
-        raise CheckpointError(
-            f"{path}: its vocabulary ({len(vocab)} words) differs from the expected one "
-            f"({len(expect_vocab)} words)"
-        )
+        raise CheckpointError(f"{path}: {_vocab_difference(vocab, expect_vocab)}")
     config = header["config"]
+    try:
+        # The random initial weights are overwritten below; drawing them must not move the
+        # caller's random stream (a resumed run restores that stream after loading).
+        with torch.random.fork_rng(devices=[]):
+            model = Captioner(config)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(
+            f"{path}: unusable model config {config} ({_one_line(error)})"
+        ) from None
     if config.vocab_size != len(vocab):
         raise CheckpointError(
             f"{path}: config says {config.vocab_size} words but the vocabulary has {len(vocab)}"
         )
 
-    model = Captioner(config)
     state = {
         name.removeprefix(_MODEL_PREFIX): tensor.float() if tensor.is_floating_point() else tensor
         for name, tensor in tensors.items()
@@ -174,7 +204,12 @@ def load_checkpoint(
 
     training = None
     if "training" in metadata:
-        training = _unpack(json.loads(metadata["training"]), tensors)
+        try:
+            training = _unpack(json.loads(metadata["training"]), tensors)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(
+                f"{path}: damaged training state ({type(error).__name__}: {_one_line(error)})"
+            ) from None
     return Checkpoint(model, vocab, header["encoder"], training, header["extra"])
 
 
@@ -185,7 +220,7 @@ def _parse_header(path: Path, metadata: dict) -> dict:
         raise CheckpointError(
             f"{path}: not a {FORMAT_NAME} checkpoint (no format header)"
         ) from None
-    if file_format.get("name") != FORMAT_NAME:
+    if not isinstance(file_format, dict) or file_format.get("name") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a {FORMAT_NAME} checkpoint")
     if file_format.get("version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -200,7 +235,29 @@ def _parse_header(path: Path, metadata: dict) -> dict:
             "extra": json.loads(metadata.get("extra", "{}")),
         }
     except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: damaged header ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{path}: damaged header ({type(error).__name__}: {_one_line(error)})"
+        ) from None
+
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message; torch's messages can run over many."""
+    return str(error).partition("\n")[0]
+
+
+def _vocab_difference(found: Vocabulary, expected: Vocabulary) -> str:
+    """One line naming the first id where two different vocabularies disagree."""
+    found_words, expected_words = found.to_json(), expected.to_json()
+    shared = min(len(found_words), len(expected_words))
+    word_id = next((i for i in range(shared) if found_words[i] != expected_words[i]), shared)
+    if word_id == shared:
+        where = "one is the other with words added at the end"
+    else:
+        where = f"id {word_id} is {found_words[word_id]!r}, expected {expected_words[word_id]!r}"
+    return (
+        f"its vocabulary ({len(found)} words) differs from the expected one "
+        f"({len(expected)} words): {where}"
+    )
 
 
 def _check_shapes(path: Path, model: Captioner, state: dict) -> None:
@@ -221,10 +278,12 @@ def _check_shapes(path: Path, model: Captioner, state: dict) -> None:
 
 
 def _pack(value, tensors: dict):
-    """Replace tensors in a nested structure by references into ``tensors``."""
+    """Replace tensors in a nested structure by references into ``tensors``, filled here."""
     if isinstance(value, torch.Tensor):
-        name = f"{_TRAINING_PREFIX}{sum(key.startswith(_TRAINING_PREFIX) for key in tensors)}"
-        tensors[name] = value.detach().cpu().contiguous()
+        name = f"{_TRAINING_PREFIX}{len(tensors)}"
+        # A copy: safetensors refuses tensors that share memory, and the same tensor (or two
+        # views of one) may appear twice in the state.
+        tensors[name] = value.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
         return {"__tensor__": name}
     if isinstance(value, dict):
         if not all(isinstance(key, str | int) for key in value):

@@ -11,7 +11,10 @@ Two families are supported by name:
 Preprocessing is described by :class:`Preprocessing` (size, mean, std) and applied by
 :func:`preprocess`, which resizes the whole photograph to a square without cropping: the
 Flickr8k photographs the default model learned from were squashed the same way, and a crop
-would cut off people at the edges that a caption should mention.
+would cut off people at the edges that a caption should mention. Each family keeps the
+normalisation its weights were trained with: ImageNet mean and std for torchvision, and
+``(pixel - 127) / 128`` for EfficientNet-Lite, whose training used it so that the network
+quantises well.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
+import threading
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -48,10 +53,18 @@ ENCODERS = LITE_ENCODERS + TORCHVISION_ENCODERS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (pixel - 127) / 128 on 0..255 pixels, written for tensors already scaled to 0..1.
+LITE_MEAN = (127 / 255, 127 / 255, 127 / 255)
+LITE_STD = (128 / 255, 128 / 255, 128 / 255)
 
 # Photographs above this many pixels are refused rather than decoded: a 20000 x 20000 PNG of a
 # few kilobytes (a "decompression bomb") would otherwise take gigabytes of memory.
 MAX_IMAGE_PIXELS = 100_000_000
+
+# PIL warns about large images from inside Image.open, before this module can apply its own
+# limit. The warning is silenced around that call only, and warnings.catch_warnings swaps
+# process-wide state, so loader threads take turns; decoding itself runs outside the lock.
+_OPEN_LOCK = threading.Lock()
 
 
 class EncoderError(RuntimeError):
@@ -82,55 +95,82 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     """Read any everyday photograph file as an 8-bit RGB PIL image.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha
-    is composited on white; an animated GIF or WebP gives its first frame.
+    and transparent colours are composited on white; an animated GIF or WebP gives its first
+    frame. The pixel limit is checked on the header, before anything is decoded.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more pixels than this. PIL's own hard limit,
+            ``2 * PIL.Image.MAX_IMAGE_PIXELS``, applies on top of it.
 
     Raises:
-        ImageLoadError: missing, empty, truncated or non-image file, or one over ``max_pixels``.
+        ImageLoadError: missing, empty, truncated or non-image file, or one over ``max_pixels``;
+            the message is one line that starts with the path.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such file")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"{path}: file is empty")
 
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse both alike.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageLoadError(
-                        f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,} "
-                        "(a possible decompression bomb)"
-                    )
-                image.seek(0)
-                image = ImageOps.exif_transpose(image)
-                image.load()
-                return _to_rgb(image)
-    except ImageLoadError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageLoadError(f"{path}: too many pixels (a possible decompression bomb)") from None
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(
+            f"{path}: refused as a possible decompression bomb ({error})"
+        ) from None
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ImageLoadError(f"{path}: cannot decode image ({error})") from None
+        raise ImageLoadError(f"{path}: not an image file in a format PIL can read") from None
+    except OSError as error:
+        raise ImageLoadError(f"{path}: cannot open ({_one_line(error)})") from None
+
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageLoadError(
+                f"{path}: {width}x{height} pixels is over the limit of {max_pixels:,} "
+                "(a possible decompression bomb)"
+            )
+        try:
+            image.seek(0)
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)
+            return _to_rgb(image)
+        except Exception as error:
+            # A damaged file can make PIL raise almost anything (OSError, SyntaxError,
+            # struct.error, IndexError, ...); each one means this file cannot be used.
+            raise ImageLoadError(f"{path}: cannot decode image ({_one_line(error)})") from None
+
+
+def _one_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one line of text of at most about ``limit`` characters."""
+    text = " ".join(str(error).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert a PIL image of any mode to 8-bit RGB."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit and 32-bit grayscale: rescale to 0..255 from the image's own range, because
-        # PIL's convert("L") clips everything above 255 to white.
+    """Convert a loaded PIL image of any mode to 8-bit RGB (a new image)."""
+    if image.mode.startswith("I;16"):
+        # PIL's convert("L") clips everything above 255 to white, so map the 16-bit range
+        # 0..65535 onto 0..255 instead; 65535 / 255 = 257.
+        values = np.asarray(image).astype(np.float64) / 257.0
+        return Image.fromarray(values.round().astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        # 32-bit integer and float images have no fixed white level: use the image's own range.
         values = np.asarray(image, dtype=np.float64)
         low, high = float(values.min()), float(values.max())
-        scale = 255.0 / (high - low) if high > low else 0.0
-        gray = ((values - low) * scale).round().astype(np.uint8)
-        return Image.fromarray(gray, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
+        if high > low and (low < 0.0 or high > 255.0):
+            values = (values - low) * (255.0 / (high - low))
+        gray = values.clip(0.0, 255.0).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry or a colour marked transparent becomes alpha, composited below.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -241,8 +281,13 @@ def build_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True) -> Image
 
 
 def _build_lite(name: str, pretrained: bool) -> ImageEncoder:
-    from efficientnet_lite_pytorch import EfficientNet
-    from efficientnet_lite_pytorch.utils import efficientnet_params
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch.utils import efficientnet_params
+    except ImportError:
+        raise EncoderError(
+            f"the {name} architecture is not installed: pip install efficientnet-lite-pytorch"
+        ) from None
 
     _, _, image_size, _ = efficientnet_params(name)
     network = EfficientNet.from_name(name)
@@ -255,9 +300,8 @@ def _build_lite(name: str, pretrained: bool) -> ImageEncoder:
     # Only the trunk is used; dropping the classifier saves 1.3M parameters per copy.
     del network._fc, network._dropout
     feature_dim = network._conv_head.out_channels
-    return ImageEncoder(
-        name, _LiteTrunk(network), feature_dim, Preprocessing(image_size), weights_id
-    )
+    preprocessing = Preprocessing(image_size, LITE_MEAN, LITE_STD)
+    return ImageEncoder(name, _LiteTrunk(network), feature_dim, preprocessing, weights_id)
 
 
 def _lite_weights_file(name: str) -> Path:
@@ -281,9 +325,20 @@ def _build_torchvision(name: str, pretrained: bool) -> ImageEncoder:
     import torchvision
 
     weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
-    if weights is not None:
-        _ensure_torchvision_weights(name, weights.url)
-    network = torchvision.models.get_model(name, weights=weights)
+    if weights is None:
+        network = torchvision.models.get_model(name)
+    else:
+        weights_file = _ensure_torchvision_weights(name, weights.url)
+        try:
+            network = torchvision.models.get_model(name, weights=weights)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            raise EncoderError(
+                f"cannot read the {name} weights at {weights_file} ({_one_line(error)}); "
+                f"delete the file, or replace it with a good copy of {weights.url}"
+            ) from None
+    # eval() before anything runs through the network: a forward pass in training mode would
+    # overwrite the pretrained batch-norm statistics.
+    network.eval()
 
     if name.startswith("resnet"):
         feature_dim = network.fc.in_features
@@ -305,11 +360,15 @@ def _build_torchvision(name: str, pretrained: bool) -> ImageEncoder:
     return ImageEncoder(name, trunk, feature_dim, preprocessing, weights_id)
 
 
-def _ensure_torchvision_weights(name: str, url: str) -> None:
-    """Download torchvision weights into torch's hub cache, or fail with where to put them."""
+def _ensure_torchvision_weights(name: str, url: str) -> Path:
+    """Download torchvision weights into torch's hub cache, or fail with where to put them.
+
+    Returns:
+        the weights file, where torchvision will look for it.
+    """
     target = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
     if target.is_file():
-        return
+        return target
     import socket
 
     previous_timeout = socket.getdefaulttimeout()
@@ -317,7 +376,11 @@ def _ensure_torchvision_weights(name: str, url: str) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s weights from %s", name, url)
-        torch.hub.download_url_to_file(url, str(target), progress=False)
+        # The hash prefix in torchvision's file names ("resnet50-11ad3fa6.pth") is checked, so
+        # a damaged download is refused instead of being cached.
+        hash_match = torch.hub.HASH_REGEX.search(target.name)
+        hash_prefix = hash_match.group(1) if hash_match else None
+        torch.hub.download_url_to_file(url, str(target), hash_prefix, progress=False)
     except Exception as error:
         raise EncoderError(
             f"cannot download the {name} weights ({type(error).__name__}); "
@@ -325,6 +388,7 @@ def _ensure_torchvision_weights(name: str, url: str) -> None:
         ) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
+    return target
 
 
 @dataclass

@@ -90,11 +90,12 @@ def build_feature_cache(
     shape = (len(image_paths), encoder.feature_dim)
 
     state = _read_progress(progress_path)
-    if state is not None and array_path.is_file():
-        features = np.load(array_path, mmap_mode="r+")
-        if features.shape != shape:
-            state = None
-    if state is None or not array_path.is_file():
+    features = None
+    if state is not None:
+        # A finished cache is only read, so it may live in a read-only folder.
+        finished = state["done"] >= len(image_paths)
+        features = _open_rows(array_path, shape, "r" if finished else "r+")
+    if features is None:
         features = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.float32, shape=shape)
         state = {"done": 0, "failed": {}}
         _write_progress(progress_path, state)
@@ -160,6 +161,17 @@ def _fill(
             state["done"] = max(state["done"], max([*batch.indices, *batch.errors]) + 1)
             _write_progress(progress_path, state)
             bar.update(count)
+
+
+def _open_rows(path: Path, shape: tuple[int, int], mode: str) -> np.ndarray | None:
+    """The memory-mapped array at ``path``; None if it is missing, damaged or another shape."""
+    try:
+        features = np.load(path, mmap_mode=mode)
+    except (OSError, ValueError):
+        return None
+    if features.shape != shape or features.dtype != np.float32:
+        return None
+    return features
 
 
 def _read_progress(path: Path) -> dict | None:

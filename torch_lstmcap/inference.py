@@ -151,11 +151,15 @@ class ImageCaptioner:
 
 
 def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files stay as given; a folder becomes its image files (by suffix), sorted."""
+    """Files stay as given; a folder becomes its image files (by suffix), sorted.
+
+    Only the folder's own files count: subfolders are not searched.
+    """
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths.extend(sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+            images = (p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths.extend(sorted(p for p in images if p.is_file()))
         else:
             paths.append(item)
     return paths

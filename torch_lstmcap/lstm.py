@@ -223,9 +223,14 @@ class LSTMSequenceFunction(torch.autograd.Function):
         x: (N, T, D), h0: (N, H), c0: (N, H), Wx: (D, 4H), Wh: (H, 4H), b: (4H,)
         h: (N, T, H) the hidden state of every step, h_n: (N, H) and c_n: (N, H) the last state.
 
-    The input projection of all T steps is one matrix product before the loop; the loop adds
-    prev_h @ Wh in place into that buffer and activates it there. The backward loop only
-    produces da for every step; dx, dWx, dWh and db are one matrix product or reduction each.
+    The input projection x @ Wx + b of all T steps is one matrix product before the loop; each
+    step adds prev_h @ Wh in place into its slice of that buffer and activates it there, so the
+    buffer ends up holding the activated gates the backward needs. The backward loop produces
+    da for every step; dx, dWx, dWh and db are then one matrix product or sum each.
+
+    Saved for the backward: x, h0, Wx, Wh, the gates (N, T, 4H), the cell states entering each
+    step (N, T, H) and their tanh (N, T, H). The hidden states are not saved: the backward
+    recomputes prev_h = o * tanh(c) of the step before, bit for bit.
     """
 
     @staticmethod
@@ -240,9 +245,10 @@ class LSTMSequenceFunction(torch.autograd.Function):
 
         with _autocast_off(x.device):
             gates = torch.addmm(b, x.reshape(N * T, D), Wx).view(N, T, 4 * H)
-            # cells[:, t] is the cell state entering step t: cells[:, 0] = c0.
-            cells = x.new_empty(N, T + 1, H)
+            # cells[:, t] is the cell state entering step t; the last one is c_n.
+            cells = x.new_empty(N, T, H)
             cells[:, 0] = c0
+            c_n = x.new_empty(N, H)
             tanh_cells = x.new_empty(N, T, H)
             h = x.new_empty(N, T, H)
 
@@ -252,55 +258,57 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 a.addmm_(prev_h, Wh)
                 _activate_gates_(a)
                 i, f, o, g = split_gates(a)
-                next_c = cells[:, t + 1]
+                next_c = cells[:, t + 1] if t + 1 < T else c_n
                 torch.mul(f, cells[:, t], out=next_c)
                 next_c.addcmul_(i, g)
                 torch.tanh(next_c, out=tanh_cells[:, t])
                 torch.mul(o, tanh_cells[:, t], out=h[:, t])
                 prev_h = h[:, t]
 
-        ctx.save_for_backward(x, h0, Wx, Wh, gates, cells, tanh_cells, h)
-        return h, h[:, -1].clone(), cells[:, -1].clone()
+        ctx.save_for_backward(x, h0, Wx, Wh, gates, cells, tanh_cells)
+        return h, h[:, -1].clone(), c_n
 
     @staticmethod
     def backward(ctx, grad_h, grad_h_n, grad_c_n):
-        x, h0, Wx, Wh, gates, cells, tanh_cells, h = ctx.saved_tensors
+        x, h0, Wx, Wh, gates, cells, tanh_cells = ctx.saved_tensors
         need_x, need_h0, need_c0, need_Wx, need_Wh, need_b = ctx.needs_input_grad
         grad_x = grad_h0 = grad_c0 = grad_Wx = grad_Wh = grad_b = None
         N, T, D = x.shape
         H = Wh.shape[0]
+        split = _TANH_GATE * H
 
         with _autocast_off(x.device):
             i, f, o, g = split_gates(gates)  # each (N, T, H)
-            prev_c = cells[:, :T]
+            sigmoid_gates = gates[..., :split]
 
-            # Per step, with dh the gradient reaching h_t (from the output h and from step t+1)
-            # and dc the gradient reaching c_t from step t+1:
-            #   h = o * tanh(c)       ->  dc += dh * o * (1 - tanh(c)^2)   (the path into the
-            #                             cell gradient through h)
-            #                             da_o = dh * tanh(c) * o * (1 - o)
-            #   c = f * prev_c + i*g  ->  da_i = dc * g * i * (1 - i)
-            #                             da_f = dc * prev_c * f * (1 - f)
-            #                             da_g = dc * i * (1 - g^2)
-            #                             dprev_c = dc * f
-            #   a = x Wx + prev_h Wh + b  ->  dprev_h = da @ Wh^T
-            # The factors that do not depend on dh or dc are computed here, for all steps at
-            # once, from the saved activations: local = (g i(1-i), prev_c f(1-f),
-            # tanh(c) o(1-o), i (1-g^2)) in GATE_ORDER, and cell_from_h = o (1 - tanh(c)^2).
+            # Per step, with dh the gradient reaching h_t (from the output h and, through
+            # a_{t+1} = x_{t+1} Wx + h_t Wh + b, from the step after) and dc the gradient
+            # reaching c_t from the step after (dc_{t+1} * f_{t+1}):
+            #   h_t = o * tanh(c_t)         ->  do = dh * tanh(c_t)
+            #                                   and the path into the cell gradient through h_t:
+            #                                   dc += dh * o * (1 - tanh(c_t)^2)
+            #   c_t = f * c_{t-1} + i * g   ->  di = dc * g,  df = dc * c_{t-1},  dg = dc * i,
+            #                                   dc_{t-1} = dc * f
+            # and through the nonlinearities, from the saved outputs, into da:
+            #   sigmoid'(a) = s (1 - s) for s in i, f, o;  tanh'(a_g) = 1 - g^2.
+            # So da = (dc * local_i, dc * local_f, dh * local_o, dc * local_g) with
+            #   local_i = g i (1 - i),  local_f = c_{t-1} f (1 - f),
+            #   local_o = tanh(c_t) o (1 - o),  local_g = i (1 - g^2),
+            # and dc += dh * cell_from_h with cell_from_h = o (1 - tanh(c_t)^2). None of these
+            # factors depends on dh or dc: they are computed here for all steps at once, in a
+            # few large operations, and the loop over time is left with four small ones.
             local = torch.empty_like(gates)
             local_i, local_f, local_o, local_g = split_gates(local)
-            split = _TANH_GATE * H
-            sigmoid_gates = gates[..., :split]
-            sigmoid_grads = local[..., :split]
-            torch.mul(sigmoid_gates, sigmoid_gates, out=sigmoid_grads)
-            torch.sub(sigmoid_gates, sigmoid_grads, out=sigmoid_grads)
+            torch.addcmul(
+                sigmoid_gates, sigmoid_gates, sigmoid_gates, value=-1, out=local[..., :split]
+            )
             local_i.mul_(g)
-            local_f.mul_(prev_c)
+            local_f.mul_(cells)
             local_o.mul_(tanh_cells)
-            torch.mul(g, g, out=local_g)
-            torch.addcmul(i, i, local_g, value=-1, out=local_g)
-            cell_from_h = torch.mul(tanh_cells, tanh_cells)
-            torch.addcmul(o, o, cell_from_h, value=-1, out=cell_from_h)
+            torch.mul(i, g, out=local_g)
+            torch.addcmul(i, local_g, g, value=-1, out=local_g)
+            cell_from_h = torch.mul(o, tanh_cells)
+            torch.addcmul(o, cell_from_h, tanh_cells, value=-1, out=cell_from_h)
 
             da = torch.empty_like(gates)
             da_o = split_gates(da)[_OUTPUT_GATE]
@@ -314,7 +322,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
                     torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
                 dc.addcmul_(dh, cell_from_h[:, t])
                 # All four blocks as dc * local in one broadcast product; the output gate,
-                # which depends on dh instead, is then overwritten.
+                # which takes dh instead of dc, is then overwritten.
                 torch.mul(
                     local[:, t].view(N, len(GATE_ORDER), H),
                     dc.unsqueeze(1),
@@ -323,6 +331,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 torch.mul(local_o[:, t], dh, out=da_o[:, t])
                 dc.mul_(f[:, t])
 
+            # a = x Wx + prev_h Wh + b over all steps: one matrix product or sum per gradient.
             da_flat = da.view(N * T, 4 * H)
             if need_x:
                 grad_x = (da_flat @ Wx.t()).view(N, T, D)
@@ -333,9 +342,11 @@ class LSTMSequenceFunction(torch.autograd.Function):
             if need_Wx:
                 grad_Wx = x.reshape(N * T, D).t() @ da_flat
             if need_Wh:
-                prev_h = torch.empty_like(h)
+                # prev_h: h0, then h_t = o * tanh(c_t) of every step but the last, recomputed
+                # with the forward's operation, so bit for bit.
+                prev_h = torch.empty_like(tanh_cells)
                 prev_h[:, 0] = h0
-                prev_h[:, 1:] = h[:, :-1]
+                torch.mul(o[:, :-1], tanh_cells[:, :-1], out=prev_h[:, 1:])
                 grad_Wh = prev_h.view(N * T, H).t() @ da_flat
             if need_b:
                 grad_b = da_flat.sum(0)

@@ -21,21 +21,43 @@ def append_metrics(path: str | os.PathLike, record: dict) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of ``metrics.jsonl``, one per epoch, in order; [] if there is none yet."""
     path = Path(path)
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(path: str | os.PathLike, last_epoch: int) -> None:
+    """Keep the records of epochs up to ``last_epoch``, the epoch a resumed run continues from.
+
+    A run killed after logging an epoch but before its checkpoint was saved, or while writing
+    a line, would otherwise leave that epoch logged twice, or a broken line, once resumed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("epoch", last_epoch + 1) <= last_epoch:
+            kept.append(line + "\n")
+    temporary = path.with_suffix(".tmp.jsonl")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
 def plot_history(history: Sequence[dict], path: str | os.PathLike) -> None:
     """Training loss and validation metrics per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure draws without pyplot, so the caller's matplotlib backend is left alone.
+    from matplotlib.figure import Figure
 
     epochs = [record["epoch"] for record in history]
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    loss_axis, metric_axis = figure.subplots(1, 2)
     loss_axis.plot(epochs, [record["train_loss"] for record in history], marker="o")
     loss_axis.set(xlabel="epoch", ylabel="training loss", title="Loss")
     for name in ("CIDEr", "BLEU-4"):
@@ -47,7 +69,6 @@ def plot_history(history: Sequence[dict], path: str | os.PathLike) -> None:
     figure.tight_layout()
     temporary = Path(path).with_suffix(".tmp.png")
     figure.savefig(temporary, dpi=90)
-    plt.close(figure)
     os.replace(temporary, path)
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -119,11 +122,11 @@ def train_one_epoch(
     ``encoder`` the loader yields images, which go through the encoder (being fine-tuned).
 
     Raises:
-        NonFiniteLossError: the loss became NaN or infinite (nothing is stepped with it).
+        NonFiniteLossError: the loss or the gradient norm became NaN or infinite; the weights
+            are not stepped with it, on any rank.
     """
-    import time
-
-    captioner = model.module if hasattr(model, "module") else model
+    distributed = isinstance(model, DistributedDataParallel)
+    captioner = model.module if distributed else model
     model.train()
     if encoder is not None:
         encoder.train()
@@ -140,17 +143,31 @@ def train_one_epoch(
                 ignore_index=captioner.config.pad_id,
                 label_smoothing=label_smoothing,
             )
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"loss became {loss.item()} at epoch {epoch}, step {steps}")
+        observed = loss.detach()
+        if distributed:
+            # The mean over ranks: the logged loss covers every rank's batch, and a NaN on one
+            # rank stops all of them, instead of leaving the others in the gradient all-reduce.
+            observed = observed.clone()
+            dist.all_reduce(observed)
+            observed /= dist.get_world_size()
+        if not torch.isfinite(observed):
+            raise NonFiniteLossError(
+                f"loss became {observed.item()} at epoch {epoch}, step {steps}"
+            )
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+        # A finite loss can still overflow a gradient; clipping would turn it into NaN weights.
+        if not torch.isfinite(norm):
+            raise NonFiniteLossError(
+                f"gradient norm became {norm.item()} at epoch {epoch}, step {steps}"
+            )
         optimizer.step()
         scheduler.step()
 
-        total += loss.item()
+        total += observed.item()
         steps += 1
         bar.set_postfix(loss=f"{total / steps:.3f}")
     return EpochResult(total / max(1, steps), steps, time.perf_counter() - start)

@@ -1,0 +1,257 @@
+"""caption.py driven as a user would: a subprocess in the repository root, real photographs.
+
+The model is a small checkpoint made here with random weights over a vocabulary of real
+Flickr8k captions: its sentences are nonsense, but they are the ones the library computes,
+which is what the command line must print. Each run of caption.py pays for importing torch,
+so every run checks as much as one invocation can show.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_lstmcap.captioner import Captioner, CaptionerConfig
+from torch_lstmcap.checkpoint import EncoderInfo, save_checkpoint
+from torch_lstmcap.datasets import read_flickr8k
+from torch_lstmcap.encoder import build_encoder
+from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path
+from torch_lstmcap.vocab import Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LSTMCAP_DATA", ROOT.parent / "shared" / "data"))
+FLICKR8K = DATA / "flickr8k"
+FLICKR8K_PHOTOS = FLICKR8K / "Flicker8k_Dataset"
+
+pytestmark = pytest.mark.skipif(
+    not (FLICKR8K / "Flickr8k_text" / "Flickr8k.token.txt").is_file(),
+    reason=f"Flickr8k not found under {DATA} (set LSTMCAP_DATA to the shared data folder)",
+)
+
+TIMEOUT_S = 300
+
+# caption.py run as __main__ with its bundled-model folder pointed at the first argument, so
+# that the message for a missing model is checked whether or not this checkout has one.
+WITHOUT_BUNDLED_MODEL = (
+    "import runpy, sys\n"
+    "from pathlib import Path\n"
+    "import torch_lstmcap.inference as inference\n"
+    "inference.DEFAULT_MODEL_DIR = Path(sys.argv[1])\n"
+    "sys.argv = ['caption.py', *sys.argv[2:]]\n"
+    "runpy.run_path('caption.py', run_name='__main__')\n"
+)
+
+
+def start_caption(*args, command: tuple[str, ...] = ("caption.py",)) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, *command, *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def run_caption(*args, command: tuple[str, ...] = ("caption.py",)) -> subprocess.CompletedProcess:
+    return finish(start_caption(*args, command=command))
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Path]:
+    return sorted(FLICKR8K_PHOTOS.glob("*.jpg"))[:4]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint for the default encoder: Flickr8k words, random decoder weights."""
+    captions = [
+        caption for item in read_flickr8k(FLICKR8K, "val")[:60] for caption in item.captions
+    ]
+    vocab = Vocabulary.build(captions, min_count=2)
+    encoder = build_encoder()
+    torch.manual_seed(0)
+    config = CaptionerConfig(len(vocab), feature_dim=encoder.feature_dim, hidden_size=32)
+    model = Captioner(config).eval()
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    return save_checkpoint(path, model, vocab, EncoderInfo.of(encoder))
+
+
+@pytest.fixture(scope="session")
+def captioner(checkpoint) -> ImageCaptioner:
+    return ImageCaptioner.from_checkpoint(checkpoint)
+
+
+def library_captions(captioner, paths, top_k=1) -> list[list[dict]]:
+    """What caption.py should print for ``paths``, with its default options."""
+    options = {"batch_size": 16, "beam_size": 3, "max_length": 20, "top_k": top_k}
+    results = captioner.caption_files(paths, **options)
+    return [
+        [{"caption": c.text, "log_prob": c.log_prob} for c in result.captions] for result in results
+    ]
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return stderr.splitlines()
+
+
+def test_one_image_prints_the_caption_alone_and_imports_only_what_it_needs(
+    checkpoint, captioner, photos
+):
+    [[expected]] = library_captions(captioner, photos[:1])
+
+    result = run_caption(
+        photos[0], "--checkpoint", checkpoint, command=("-X", "importtime", "caption.py")
+    )
+
+    imports = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    modules = {line.split("|")[-1].strip().split(".")[0] for line in imports}
+    assert "torch" in modules
+    # Each of these costs seconds at start-up and serves only training or evaluation.
+    assert not modules & {"torchvision", "pycocoevalcap", "matplotlib", "pandas", "scipy"}
+    assert (result.returncode, len(imports)) == (0, len(result.stderr.splitlines()))
+    assert expected["caption"]
+    assert result.stdout == expected["caption"] + "\n"
+
+
+def test_files_and_folders_print_path_tab_caption_in_input_order(
+    checkpoint, captioner, photos, tmp_path
+):
+    folder = tmp_path / "holiday"
+    folder.mkdir()
+    # Named so that sorting, not the order of creation, puts them in order; the folder's
+    # other entries are not images and must be passed over.
+    shutil.copy(photos[2], folder / "b_second.jpg")
+    shutil.copy(photos[1], folder / "a_first.JPG")
+    (folder / "notes.txt").write_text("not a photograph\n")
+    (folder / "nested.jpg").mkdir()
+    (folder / "nested.jpg" / "deeper.jpg").write_bytes(photos[3].read_bytes())
+    not_an_image = tmp_path / "minutes.png"
+    not_an_image.write_text("minutes of the meeting\n")
+
+    result = run_caption(photos[3], folder, not_an_image, photos[0], "--checkpoint", checkpoint)
+
+    good = [photos[3], folder / "a_first.JPG", folder / "b_second.jpg", photos[0]]
+    expected = [
+        f"{path}\t{best['caption']}"
+        for path, [best] in zip(good, library_captions(captioner, good), strict=True)
+    ]
+    assert result.stdout.splitlines() == expected
+    [error] = error_lines(result.stderr)
+    assert str(not_an_image) in error
+    assert result.returncode == 1
+
+
+def test_json_top_k_and_unreadable_files(checkpoint, captioner, photos, tmp_path):
+    missing = tmp_path / "missing.jpg"
+    empty = tmp_path / "empty.jpg"
+    empty.touch()
+    truncated = tmp_path / "truncated.jpg"
+    jpeg = photos[1].read_bytes()
+    truncated.write_bytes(jpeg[: len(jpeg) // 2])
+    not_an_image = tmp_path / "letter.jpg"
+    not_an_image.write_text("Dear reader,\n")
+    bad = [missing, empty, truncated, not_an_image]
+    inputs = [photos[0], missing, empty, truncated, photos[1], not_an_image]
+
+    result = run_caption(*inputs, "--json", "--top-k", "3", "--checkpoint", checkpoint)
+
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [record["image"] for record in records] == list(map(str, inputs))
+    expected = iter(library_captions(captioner, [photos[0], photos[1]], top_k=3))
+    for path, record in zip(inputs, records, strict=True):
+        if path in bad:
+            assert set(record) == {"image", "error"}
+            assert str(path) in record["error"]
+            continue
+        best_first = next(expected)
+        assert set(record) == {"image", "caption", "log_prob", "captions"}
+        assert len(record["captions"]) == 3
+        assert [c["caption"] for c in record["captions"]] == [c["caption"] for c in best_first]
+        assert [c["log_prob"] for c in record["captions"]] == pytest.approx(
+            [c["log_prob"] for c in best_first], abs=1e-4
+        )
+        assert (record["caption"], record["log_prob"]) == (
+            record["captions"][0]["caption"],
+            record["captions"][0]["log_prob"],
+        )
+    errors = error_lines(result.stderr)
+    assert len(errors) == len(bad)
+    for path, line in zip(bad, errors, strict=True):
+        assert str(path) in line
+    assert result.returncode == 1
+
+
+def test_a_closed_pipe_ends_quietly(checkpoint, photos):
+    """``caption.py ... | head -1``: the first line, then no traceback when head has gone."""
+    process = start_caption(*photos, "--json", "--batch-size", "1", "--checkpoint", checkpoint)
+    first_line = process.stdout.readline()
+    # Closing the pipe while later batches are still being captioned makes their writes
+    # fail, as they do when head exits.
+    process.stdout.close()
+    stderr = process.stderr.read()
+    returncode = process.wait(timeout=TIMEOUT_S)
+
+    record = json.loads(first_line)
+    assert set(record) == {"image", "caption", "log_prob"}
+    assert record["image"] == str(photos[0])
+    assert (returncode, stderr) == (0, "")
+
+
+def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
+    corrupt = tmp_path / "interrupted.safetensors"
+    corrupt.write_bytes(checkpoint.read_bytes()[:-1000])
+    no_model_dir = tmp_path / "default_model"
+    no_model_dir.mkdir()
+    photo = photos[0]
+    # case: (what follows the interpreter on the command line, a fragment of the error line)
+    cases = {
+        "bad option": (["caption.py", photo, "--beam-width", "3"], "--beam-width"),
+        "top-k over beam size": (
+            ["caption.py", photo, "--beam-size", "2", "--top-k", "3"],
+            "--top-k",
+        ),
+        "missing checkpoint": (
+            ["caption.py", photo, "--checkpoint", tmp_path / "nowhere.safetensors"],
+            "nowhere.safetensors",
+        ),
+        "corrupt checkpoint": (["caption.py", photo, "--checkpoint", corrupt], str(corrupt)),
+        "no bundled model": (["-c", WITHOUT_BUNDLED_MODEL, no_model_dir, photo], "train.py"),
+    }
+    if not torch.cuda.is_available():
+        cuda = ["caption.py", photo, "--device", "cuda", "--checkpoint", checkpoint]
+        cases["cuda"] = (cuda, "--device cuda")
+
+    # Started together: most of them pay seconds for importing torch before they can fail.
+    processes = {case: start_caption(*argv, command=()) for case, (argv, _) in cases.items()}
+    results = {case: finish(process) for case, process in processes.items()}
+
+    for case, result in results.items():
+        [line] = error_lines(result.stderr)
+        assert line.startswith("caption.py: error: "), case
+        assert cases[case][1] in line, case
+        assert (result.returncode, result.stdout) == (2, ""), case
+    no_model_line = results["no bundled model"].stderr
+    assert str(no_model_dir) in no_model_line
+    assert "python train.py" in no_model_line and "--checkpoint" in no_model_line
+
+
+@pytest.mark.skipif(
+    not default_checkpoint_path().is_file(), reason="no model is bundled in this checkout"
+)
+def test_the_bundled_model_captions_a_photograph(photos):
+    result = run_caption(photos[0])
+
+    assert (result.returncode, result.stderr) == (0, "")
+    [caption] = result.stdout.splitlines()
+    assert len(caption.split()) >= 3

@@ -1,0 +1,411 @@
+"""train.py end to end on real photographs: learning, resuming, torchrun, failures, fine-tuning.
+
+One short run on the first Flickr8k training photographs (validated on the first dev ones) is
+shared by most tests; its feature cache, under the test's temporary folder, is built once and
+reused by every later run on the same photographs.
+"""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from torch_lstmcap.checkpoint import load_checkpoint
+from torch_lstmcap.datasets import ImageCaptions, load_dataset
+from torch_lstmcap.encoder import build_encoder
+from torch_lstmcap.features import build_feature_cache
+from torch_lstmcap.metrics import METRIC_NAMES
+from torch_lstmcap.report import read_metrics, truncate_metrics
+from torch_lstmcap.training import CaptionPairs, caption_features, collate_captions
+from torch_lstmcap.vocab import Vocabulary
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LSTMCAP_DATA", ROOT.parent / "shared" / "data"))
+FLICKR8K = DATA / "flickr8k"
+COCO_MINI = DATA / "coco-mini"
+
+pytestmark = pytest.mark.skipif(
+    not (FLICKR8K / "Flickr8k_text" / "Flickr8k.token.txt").is_file(),
+    reason=f"Flickr8k not found under {DATA} (set LSTMCAP_DATA to the shared data folder)",
+)
+needs_coco_mini = pytest.mark.skipif(
+    not (COCO_MINI / "annotations" / "captions_train2017.json").is_file(),
+    reason=f"coco-mini not found under {DATA} (set LSTMCAP_DATA to the shared data folder)",
+)
+
+TRAIN_IMAGES, VAL_IMAGES, EPOCHS = 200, 20, 4
+# Small and quick, with a short warm-up so that a few epochs of 31 steps learn something.
+QUICK = [
+    "--hidden-size", "64", "--batch-size", "32", "--lr", "5e-3", "--warmup-steps", "20",
+    "--min-count", "3", "--device", "cpu", "--quiet",
+]  # fmt: skip
+
+
+def flickr8k_args(out: Path, cache: Path, epochs: int = EPOCHS) -> list[str]:
+    return [
+        "--data-format", "flickr8k", "--data-root", str(FLICKR8K), "--out", str(out),
+        "--cache-dir", str(cache), "--max-images", str(TRAIN_IMAGES),
+        "--max-val-images", str(VAL_IMAGES), "--epochs", str(epochs), *QUICK,
+    ]  # fmt: skip
+
+
+def run_main(argv: list[str]) -> tuple[int, str, str]:
+    """train.main in this process: (exit status, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        status = train.main(argv)
+    return status, stdout.getvalue(), stderr.getvalue()
+
+
+def single_thread_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def epochs_logged(run: Path) -> list[int]:
+    return [record["epoch"] for record in read_metrics(run / "metrics.jsonl")]
+
+
+def model_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path).model.state_dict()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One thread, as the subprocesses get through OMP_NUM_THREADS.
+
+    On a busy two-core machine the small matrix products of a 64-unit LSTM spend most of their
+    time in two threads waiting for each other; and runs in this process and in subprocesses
+    must compute alike for the resume test's exact comparison.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="module")
+def cache(work) -> Path:
+    return work / "cache"
+
+
+@pytest.fixture(scope="module")
+def trained(work, cache) -> SimpleNamespace:
+    """The shared run: EPOCHS epochs on TRAIN_IMAGES photographs, features cached on the way."""
+    run = work / "run"
+    status, stdout, stderr = run_main(flickr8k_args(run, cache))
+    assert status == 0, stderr
+    return SimpleNamespace(run=run, stdout=stdout, best=run / "best.safetensors")
+
+
+@pytest.mark.slow
+def test_short_training_run_learns_captions_that_differ_between_photos(trained, cache):
+    history = read_metrics(trained.run / "metrics.jsonl")
+    assert [record["epoch"] for record in history] == list(range(1, EPOCHS + 1))
+    losses = [record["train_loss"] for record in history]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert all(np.isfinite(losses))
+    assert f"epoch {EPOCHS}: loss" in trained.stdout
+
+    checkpoint = load_checkpoint(trained.best)
+    val = load_dataset("flickr8k", FLICKR8K, "val")[:VAL_IMAGES]
+    features = build_feature_cache(
+        build_encoder(checkpoint.encoder.name), [r.image_path for r in val], cache, progress=False
+    ).features
+    captions = caption_features(checkpoint.model, torch.from_numpy(np.array(features)), checkpoint.vocab)
+    assert all(captions)
+    assert len(set(captions)) >= 3, captions
+
+
+@pytest.mark.slow
+def test_run_directory_holds_checkpoints_log_plot_and_sample_page(trained):
+    assert (trained.run / "best.safetensors").is_file()
+    assert load_checkpoint(trained.run / "last.safetensors").training["epoch"] == EPOCHS
+    assert (trained.run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (trained.run / "samples.html").read_text(encoding="utf-8")
+    assert page.count("<img src=\"data:image/jpeg;base64,") == VAL_IMAGES
+    first_val = load_dataset("flickr8k", FLICKR8K, "val")[0]
+    assert first_val.image_id in page
+    leftovers = [path.name for path in trained.run.iterdir() if "tmp" in path.name]
+    assert leftovers == []
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_continues_and_matches_the_uninterrupted_run(trained, work, cache):
+    run = work / "killed"
+    command = [sys.executable, "train.py", *flickr8k_args(run, cache)]
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=single_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 600
+    while not (run / "last.safetensors").is_file():
+        assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "no checkpoint after 600 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert load_checkpoint(run / "last.safetensors").training["epoch"] == 1
+    assert epochs_logged(run) == [1]
+
+    status, stdout, stderr = run_main([*flickr8k_args(run, cache), "--resume"])
+
+    assert status == 0, stderr
+    assert stdout.startswith("epoch 2: ")
+    assert epochs_logged(run) == list(range(1, EPOCHS + 1))
+    assert (run / "best.safetensors").is_file()
+    assert load_checkpoint(run / "last.safetensors").training["epoch"] == EPOCHS
+    # The random state is restored with the weights, optimizer and schedule, so the two
+    # halves compute exactly what one uninterrupted run computes.
+    resumed, uninterrupted = (read_metrics(r / "metrics.jsonl") for r in (run, trained.run))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in uninterrupted]
+    assert [r["val"] for r in resumed] == [r["val"] for r in uninterrupted]
+    expected = model_weights(trained.run / "last.safetensors")
+    for name, tensor in model_weights(run / "last.safetensors").items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_processes_keeps_replicas_identical(trained, work, cache):
+    run = work / "torchrun"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "train.py", *flickr8k_args(run, cache, epochs=2),
+    ]  # fmt: skip
+    result = subprocess.run(
+        command, cwd=ROOT, env=single_thread_env(), capture_output=True, text=True, timeout=600
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "weights identical on all 2 ranks" in result.stdout, result.stdout
+    losses = [record["train_loss"] for record in read_metrics(run / "metrics.jsonl")]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoints(
+    trained, work, cache, monkeypatch
+):
+    run = work / "nan"
+    saved = {}
+    real_epoch = train.train_one_epoch
+
+    def nan_from_epoch_two(*args, epoch, **kwargs):
+        if epoch == 2:
+            saved.update({name: (run / name).read_bytes() for name in ("best.safetensors", "last.safetensors")})
+            real_loss = torch.nn.functional.cross_entropy
+            monkeypatch.setattr(
+                torch.nn.functional,
+                "cross_entropy",
+                lambda *a, **k: real_loss(*a, **k) * float("nan"),
+            )
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", nan_from_epoch_two)
+    status, _, stderr = run_main(flickr8k_args(run, cache, epochs=3))
+
+    assert status == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert "loss became nan at epoch 2, step 0" in errors[0]
+    assert "last.safetensors is kept" in errors[0]
+    assert {name: (run / name).read_bytes() for name in saved} == saved
+    assert load_checkpoint(run / "last.safetensors").training["epoch"] == 1
+    assert epochs_logged(run) == [1]
+
+
+@pytest.mark.slow
+def test_eval_only_writes_every_metric_and_prints_a_table(trained, tmp_path):
+    photos = write_csv_dataset(tmp_path / "photos", count=6)
+    metrics_out = tmp_path / "scores" / "metrics.json"
+
+    status, stdout, stderr = run_main(
+        [
+            "--eval-only", "--checkpoint", str(trained.best), "--data-format", "csv",
+            "--data-root", str(photos), "--split", "test", "--metrics-out", str(metrics_out),
+            "--beam-size", "2", "--cache-dir", str(tmp_path / "cache"), "--quiet",
+        ]
+    )  # fmt: skip
+
+    assert status == 0, stderr
+    scores = json.loads(metrics_out.read_text())
+    assert list(scores) == [*METRIC_NAMES, "images", "beam_size"]
+    assert scores["images"] == 6 and scores["beam_size"] == 2
+    assert scores["SPICE"] is None
+    if shutil.which("java"):
+        assert 0 <= scores["METEOR"] <= 1
+    for name in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L"):
+        assert 0 <= scores[name] <= 1, name
+    assert scores["BLEU-1"] > 0 and scores["CIDEr"] >= 0
+    table = stdout.splitlines()
+    assert table[0].split() == ["Metric", "Score"]
+    assert any(line.split() == ["SPICE", "unavailable"] for line in table)
+    assert any(line.split() == ["BLEU-1", f"{scores['BLEU-1']:.4f}"] for line in table)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "problem, message",
+    [("missing data root", "nowhere"), ("missing checkpoint", "no such checkpoint file")],
+)
+def test_eval_only_bad_input_gives_one_error_line(trained, tmp_path, problem, message):
+    checkpoint = trained.best if problem != "missing checkpoint" else tmp_path / "none.safetensors"
+    data_root = tmp_path / "nowhere" if problem == "missing data root" else FLICKR8K
+    status, stdout, stderr = run_main(
+        [
+            "--eval-only", "--checkpoint", str(checkpoint), "--data-format", "flickr8k",
+            "--data-root", str(data_root), "--split", "val", "--cache-dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+
+    assert status == 1
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert stdout == ""
+
+
+def test_unknown_data_format_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data-format", "parquet", "--data-root", str(tmp_path), "--out", "r"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "invalid choice: 'parquet'" in error and "flickr8k" in error
+
+
+def test_resume_without_a_checkpoint_fails_before_computing_features(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_encoder", lambda name: pytest.fail("encoder was built"))
+    status, _, stderr = run_main([*flickr8k_args(tmp_path / "new", tmp_path), "--resume"])
+    assert status == 1
+    assert stderr.strip() == f"error: --resume: {tmp_path / 'new' / 'last.safetensors'} does not exist yet"
+
+
+@pytest.mark.slow
+@needs_coco_mini
+def test_init_from_extend_vocab_keeps_old_rows_and_adds_new_words(trained):
+    base = load_checkpoint(trained.best)
+    coco = load_dataset("coco", COCO_MINI, "train")
+    encoder = SimpleNamespace(name=base.encoder.name, feature_dim=base.model.config.feature_dim)
+
+    for extend in (False, True):
+        argv = ["--data-format", "coco", "--data-root", str(COCO_MINI), "--out", "unused"]
+        argv += ["--init-from", str(trained.best), "--min-count", "2"]
+        args = train.get_args_parser().parse_args(argv + ["--extend-vocab"] * extend)
+        vocab = train.build_vocab(args, coco, base.vocab)
+        model, _ = train.build_model(args, vocab, encoder)
+
+        old_size = len(base.vocab)
+        assert vocab.to_json()[:old_size] == base.vocab.to_json()
+        assert (len(vocab) > old_size) == extend
+        assert model.config.vocab_size == len(vocab)
+        before, after = base.model.state_dict(), model.state_dict()
+        for name, tensor in before.items():
+            grown = name in ("embedding.weight", "output_bias")
+            assert torch.equal(after[name][:old_size] if grown else after[name], tensor), name
+        if extend:
+            new_rows = after["embedding.weight"][old_size:]
+            assert new_rows.abs().sum(dim=1).min() > 0
+            assert not after["output_bias"][old_size:].any()
+
+
+@pytest.mark.slow
+@needs_coco_mini
+def test_fine_tune_on_coco_mini_with_a_grown_vocabulary(trained, work, cache):
+    run = work / "coco"
+    status, stdout, stderr = run_main(
+        [
+            "--data-format", "coco", "--data-root", str(COCO_MINI), "--out", str(run),
+            "--cache-dir", str(cache), "--max-images", "16", "--max-val-images", "8",
+            "--init-from", str(trained.best), "--extend-vocab", "--min-count", "2",
+            "--epochs", "1", "--batch-size", "16", *QUICK[6:],
+        ]
+    )  # fmt: skip
+
+    assert status == 0, stderr
+    assert stdout.startswith("epoch 1: loss")
+    base, tuned = load_checkpoint(trained.best), load_checkpoint(run / "best.safetensors")
+    assert len(tuned.vocab) > len(base.vocab)
+    assert tuned.vocab.to_json()[: len(base.vocab)] == base.vocab.to_json()
+    assert tuned.model.config.hidden_size == base.model.config.hidden_size
+
+
+@pytest.mark.slow
+def test_train_on_a_csv_of_photographs_skips_an_unreadable_one(trained, tmp_path, cache, caplog):
+    photos = write_csv_dataset(tmp_path / "photos", count=8, broken="broken.jpg")
+    run = tmp_path / "run"
+
+    status, stdout, stderr = run_main(
+        [
+            "--data-format", "csv", "--data-root", str(photos), "--out", str(run),
+            "--cache-dir", str(cache), "--init-from", str(trained.best),
+            "--epochs", "2", "--batch-size", "8", *QUICK[6:],
+        ]
+    )  # fmt: skip
+
+    assert status == 0, stderr
+    assert epochs_logged(run) == [1, 2]
+    assert any("broken.jpg" in message for message in caplog.messages)
+    tuned = load_checkpoint(run / "best.safetensors")
+    assert tuned.vocab == load_checkpoint(trained.best).vocab
+    page = (run / "samples.html").read_text(encoding="utf-8")
+    assert page.count("<img ") == 8 and "broken.jpg" not in page
+
+
+def write_csv_dataset(folder: Path, count: int, broken: str | None = None) -> Path:
+    """captions.csv (image,caption) over ``count`` Flickr8k dev photographs, linked into
+    ``folder/images``, with their real captions; plus an unreadable photograph if asked."""
+    images = folder / "images"
+    images.mkdir(parents=True)
+    rows = ["image,caption"]
+    for record in load_dataset("flickr8k", FLICKR8K, "val")[:count]:
+        (images / record.image_id).symlink_to(record.image_path)
+        rows += [f'images/{record.image_id},"{caption}"' for caption in record.captions]
+    if broken is not None:
+        (images / broken).write_bytes(b"not a photograph")
+        rows += [f"images/{broken},a photograph that cannot be read"] * 5
+    (folder / "captions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_caption_pairs_skip_failed_images_and_batches_pad():
+    vocab = Vocabulary.build(["a dog runs", "a cat sits on a mat"], min_count=1)
+    records = [
+        ImageCaptions("dog", Path("dog.jpg"), ("a dog runs", "a dog")),
+        ImageCaptions("broken", Path("broken.jpg"), ("a cat",)),
+        ImageCaptions("cat", Path("cat.jpg"), ("a cat sits on a mat",)),
+    ]
+    features = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
+
+    pairs = CaptionPairs(records, vocab, max_length=20, features=features, skip={1})
+
+    assert len(pairs) == 3
+    images, captions = collate_captions([pairs[i] for i in range(3)], vocab.pad_id)
+    np.testing.assert_array_equal(images.numpy(), features[[0, 0, 2]])
+    assert captions.shape == (3, len("a cat sits on a mat".split()) + 2)
+    assert captions[1].tolist() == [*vocab.encode("a dog"), vocab.pad_id, vocab.pad_id, vocab.pad_id, vocab.pad_id]
+
+
+def test_truncate_metrics_drops_later_epochs_and_a_broken_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"epoch": epoch, "train_loss": 5.0 - epoch}) for epoch in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"epoch": 4, "tra', encoding="utf-8")
+
+    truncate_metrics(path, last_epoch=2)
+
+    assert read_metrics(path) == [json.loads(line) for line in lines[:2]]
