@@ -76,7 +76,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--split-file",
         type=Path,
-        help="Karpathy JSON or CSV caption file (default: inside --data-root)",
+        help="Karpathy JSON or CSV caption file (CSV, when unset: <split>.csv or captions.csv "
+        "inside --data-root)",
     )
     data.add_argument("--split", default="test", help="split scored by --eval-only")
     data.add_argument("--year", type=int, default=2017, help="COCO release year")
@@ -86,7 +87,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         help="validate on only the first N val images (quicker epochs, noisier scores)",
     )
-    data.add_argument("--cache-dir", type=Path, help="feature cache folder")
+    data.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="feature cache folder (when unset: $LSTMCAP_CACHE, else ~/.cache/torch_lstmcap)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--encoder", default="efficientnet-lite0", choices=ENCODERS)
@@ -241,6 +246,8 @@ def build_optimizer(args, model: Captioner, encoder, steps_per_epoch: int):
 
 def make_loader(args, split: Split, vocab: Vocabulary, encoder, runtime: Distributed):
     if args.fine_tune_encoder:
+        # Limitation: without a feature cache nothing records unreadable photographs, so with
+        # --fine-tune-encoder one that cannot be decoded stops training instead of being skipped.
         pairs = CaptionPairs(split.records, vocab, args.max_length, encoder=encoder)
     else:
         pairs = CaptionPairs(
@@ -281,6 +288,8 @@ def train(args, runtime: Distributed) -> int:
     train_split = load_split(
         args, "train", encoder, runtime, not args.fine_tune_encoder, limit=args.max_images
     )
+    # Limitation: with --fine-tune-encoder, validation still uses the features of the encoder
+    # as loaded, and checkpoints hold the captioner only: the tuned encoder is not saved.
     val_split = load_split(args, "val", encoder, runtime, True, limit=args.max_val_images)
 
     resumed = None

@@ -12,13 +12,18 @@ process, in interleaved rounds so that load from other processes falls on all of
     autograd          the same math as lstm_forward in plain PyTorch ops, autograd's backward
     matmul floor      the matrix products alone, no gate arithmetic: what no LSTM can beat
 
-The table lists the median and the minimum time of each, and each as a ratio to nn.LSTM,
-plus the bytes each implementation saves for the backward (unique tensor storages packed by
-autograd, inputs and weights included).
+The table lists the median and the minimum time of each, each as a ratio to nn.LSTM, the
+minimum as a ratio to the matmul floor, and the bytes each implementation saves for the
+backward (distinct tensor storages packed by autograd, inputs and weights included).
+
+On a machine shared with other work, wall time mostly measures the neighbours. Minima over
+many rounds are the steadier figure; `--threads 1 --cpu-time` times the CPU time of the one
+computing thread, which leaves out the time spent waiting for a core.
 """
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +31,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
+# Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch_lstmcap.lstm import LSTM, lstm_forward, split_gates  # noqa: E402
@@ -40,10 +47,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=17, help="T")
     parser.add_argument("--input-size", type=int, default=256, help="D")
     parser.add_argument("--hidden-size", type=int, default=512, help="H")
-    parser.add_argument("--repeats", type=int, default=20, help="timed rounds")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the calling thread's CPU time instead of wall time (use with --threads 1)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -171,47 +183,58 @@ def saved_bytes(forward: Callable[[], Tensor]) -> int:
     return sum(storages.values())
 
 
-def measure(cases: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict:
+def measure(
+    cases: dict[str, Callable[[], None]], repeats: int, warmup: int, clock: Callable[[], float]
+) -> dict:
     """Time each case once per round, rounds interleaved; return seconds per case."""
     times = {name: [] for name in cases}
-    for round_index in range(warmup + repeats):
+    for round_index in tqdm(range(warmup + repeats), desc="rounds", file=sys.stderr):
         for name, step in cases.items():
-            start = time.perf_counter()
+            start = clock()
             step()
-            elapsed = time.perf_counter() - start
+            elapsed = clock() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
     return times
 
 
 def summarize(times: dict, saved: dict) -> dict:
-    reference_median = torch.tensor(times["nn.LSTM"]).median().item()
+    """Per implementation: median and minimum in ms, their ratios to nn.LSTM, the minimum's
+    ratio to the matmul floor (None when it was not timed) and the bytes saved."""
+    reference_median = statistics.median(times["nn.LSTM"])
     reference_min = min(times["nn.LSTM"])
+    floor_min = min(times["matmul floor"]) if "matmul floor" in times else None
     rows = {}
     for name, seconds in times.items():
-        median = torch.tensor(seconds).median().item()
+        median = statistics.median(seconds)
         rows[name] = {
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(seconds),
             "median_ratio": median / reference_median,
             "min_ratio": min(seconds) / reference_min,
+            "min_floor_ratio": None if floor_min is None else min(seconds) / floor_min,
             "saved_bytes": saved.get(name),
         }
     return rows
 
 
 def print_table(rows: dict, args: argparse.Namespace) -> None:
+    clock = "thread CPU time" if args.cpu_time else "wall time"
     print(
         f"LSTM forward+backward, N={args.batch_size} T={args.seq_len} D={args.input_size} "
-        f"H={args.hidden_size}, {torch.get_num_threads()} threads, {args.repeats} rounds"
+        f"H={args.hidden_size}, {torch.get_num_threads()} threads, {clock}, "
+        f"{args.repeats} rounds"
     )
-    header = f"{'implementation':<18} {'median ms':>10} {'min ms':>9} {'median/nn':>10} "
-    print(header + f"{'min/nn':>7} {'saved MiB':>10}")
+    print(
+        f"{'implementation':<18} {'median ms':>10} {'min ms':>9} {'median/nn':>10} "
+        f"{'min/nn':>7} {'min/floor':>10} {'saved MiB':>10}"
+    )
     for name, row in rows.items():
         saved = "-" if row["saved_bytes"] is None else f"{row['saved_bytes'] / 2**20:.1f}"
+        floor = "-" if row["min_floor_ratio"] is None else f"{row['min_floor_ratio']:.2f}"
         print(
             f"{name:<18} {row['median_ms']:>10.1f} {row['min_ms']:>9.1f} "
-            f"{row['median_ratio']:>10.2f} {row['min_ratio']:>7.2f} {saved:>10}"
+            f"{row['median_ratio']:>10.2f} {row['min_ratio']:>7.2f} {floor:>10} {saved:>10}"
         )
 
 
@@ -220,7 +243,8 @@ def main(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cases, saved = make_cases(args)
-    rows = summarize(measure(cases, args.repeats, args.warmup), saved)
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+    rows = summarize(measure(cases, args.repeats, args.warmup, clock), saved)
     if args.json:
         config = {key: value for key, value in vars(args).items() if key != "json"}
         config["threads"] = torch.get_num_threads()

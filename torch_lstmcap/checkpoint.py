@@ -9,6 +9,10 @@ The file holds the captioner's weights as tensors and, in the safetensors metada
     config        the CaptionerConfig
     training      optional: epoch, optimizer and scheduler state, RNG state, history...
 
+A model trained with a frozen encoder stores only the decoder: the encoder's weights come from
+its package, named in the ``encoder`` header. With ``--fine-tune-encoder`` the encoder's
+weights changed, so they are stored too, as tensors named ``encoder/<name>``.
+
 Training state may contain tensors (Adam's moments, the RNG state); they are stored as tensors
 named ``training/<n>`` and referenced from the JSON, so resuming needs no pickle either.
 Loading parses JSON and reads raw tensors: it can never execute code from the file.
@@ -35,6 +39,7 @@ FORMAT_NAME = "torch_lstmcap"
 FORMAT_VERSION = 1
 _MODEL_PREFIX = "model/"
 _TRAINING_PREFIX = "training/"
+_ENCODER_PREFIX = "encoder/"
 
 
 class CheckpointError(ValueError):
@@ -76,6 +81,7 @@ class Checkpoint:
     encoder: EncoderInfo
     training: dict | None = None
     extra: dict = field(default_factory=dict)
+    encoder_state: dict[str, torch.Tensor] | None = None
 
 
 def save_checkpoint(
@@ -87,6 +93,7 @@ def save_checkpoint(
     training: dict | None = None,
     extra: dict | None = None,
     dtype: torch.dtype | None = None,
+    encoder_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (temporary file, then rename).
 
@@ -94,6 +101,7 @@ def save_checkpoint(
         dtype: store the weights in this dtype (``torch.float16`` halves the file).
         training: JSON-able state for ``--resume``; may contain tensors at any depth.
         extra: small JSON-able facts (metrics, the command line) kept in the header.
+        encoder_state: the image encoder's state_dict, when it was fine-tuned.
     """
     if len(vocab) != model.config.vocab_size:
         raise CheckpointError(
@@ -105,6 +113,8 @@ def save_checkpoint(
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[_MODEL_PREFIX + name] = tensor.contiguous()
+    for name, tensor in (encoder_state or {}).items():
+        tensors[_ENCODER_PREFIX + name] = tensor.detach().cpu().contiguous()
 
     metadata = {
         "format": json.dumps({"name": FORMAT_NAME, "version": FORMAT_VERSION}),
@@ -210,7 +220,14 @@ def load_checkpoint(
             raise CheckpointError(
                 f"{path}: damaged training state ({type(error).__name__}: {_one_line(error)})"
             ) from None
-    return Checkpoint(model, vocab, header["encoder"], training, header["extra"])
+    encoder_state = {
+        name.removeprefix(_ENCODER_PREFIX): tensor
+        for name, tensor in tensors.items()
+        if name.startswith(_ENCODER_PREFIX)
+    }
+    return Checkpoint(
+        model, vocab, header["encoder"], training, header["extra"], encoder_state or None
+    )
 
 
 def _parse_header(path: Path, metadata: dict) -> dict:

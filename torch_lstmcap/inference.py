@@ -65,15 +65,26 @@ class ImageCaptioner:
 
         Raises:
             CheckpointError: unreadable checkpoint, or trained on encoder weights we lack.
+            EncoderError: the checkpoint's encoder cannot be built here (weights not installed).
         """
         device = torch.device(device)
         checkpoint = load_checkpoint(path, device=device)
-        encoder = build_encoder(checkpoint.encoder.name)
-        if encoder.weights_id != checkpoint.encoder.weights:
-            raise CheckpointError(
-                f"{path}: trained on {checkpoint.encoder.name} weights "
-                f"{checkpoint.encoder.weights}, but {encoder.weights_id} is installed"
-            )
+        if checkpoint.encoder_state is not None:
+            # A fine-tuned encoder travels in the checkpoint; the package weights are not used.
+            encoder = build_encoder(checkpoint.encoder.name, pretrained=False)
+            try:
+                encoder.load_state_dict(checkpoint.encoder_state)
+            except RuntimeError:
+                raise CheckpointError(
+                    f"{path}: its encoder weights do not fit {checkpoint.encoder.name}"
+                ) from None
+        else:
+            encoder = build_encoder(checkpoint.encoder.name)
+            if encoder.weights_id != checkpoint.encoder.weights:
+                raise CheckpointError(
+                    f"{path}: trained on {checkpoint.encoder.name} weights "
+                    f"{checkpoint.encoder.weights}, but {encoder.weights_id} is installed"
+                )
         # The checkpoint's preprocessing wins: it is what the decoder's features assume.
         encoder.preprocessing = checkpoint.encoder.preprocessing
         return cls(checkpoint, encoder, device)

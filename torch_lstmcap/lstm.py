@@ -15,7 +15,8 @@ to and from `torch.nn.LSTM`.
 
 Both Functions compute in the dtype of their inputs. Under `torch.autocast` the public
 functions first cast every floating input to the autocast dtype, so the forward and the
-backward run in that one dtype.
+backward run in that one dtype. The backwards are not themselves differentiable: asking for a
+second derivative raises an error.
 """
 
 import contextlib
@@ -23,6 +24,7 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "GATE_ORDER",
@@ -42,8 +44,10 @@ _TORCH_GATE_ORDER = ("i", "f", "g", "o")
 
 # g is last, so the three sigmoid gates i, f, o form one contiguous block [0, 3H) that a single
 # sigmoid_ call activates, and the tanh gate g is the block [3H, 4H).
-_TANH_GATE = GATE_ORDER.index("g")
+_INPUT_GATE = GATE_ORDER.index("i")
+_FORGET_GATE = GATE_ORDER.index("f")
 _OUTPUT_GATE = GATE_ORDER.index("o")
+_TANH_GATE = GATE_ORDER.index("g")
 
 
 def split_gates(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -164,6 +168,7 @@ class LSTMStepFunction(torch.autograd.Function):
         return next_h, next_c
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_next_h, grad_next_c):
         x, prev_h, prev_c, Wx, Wh, gates, tanh_next_c = ctx.saved_tensors
         need_x, need_prev_h, need_prev_c, need_Wx, need_Wh, need_b = ctx.needs_input_grad
@@ -245,7 +250,8 @@ class LSTMSequenceFunction(torch.autograd.Function):
 
         with _autocast_off(x.device):
             gates = torch.addmm(b, x.reshape(N * T, D), Wx).view(N, T, 4 * H)
-            # cells[:, t] is the cell state entering step t; the last one is c_n.
+            # cells[:, t] is the cell state entering step t; the state after the last step,
+            # c_n, is kept apart because the backward does not need it.
             cells = x.new_empty(N, T, H)
             cells[:, 0] = c0
             c_n = x.new_empty(N, H)
@@ -269,6 +275,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
         return h, h[:, -1].clone(), c_n
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_h, grad_h_n, grad_c_n):
         x, h0, Wx, Wh, gates, cells, tanh_cells = ctx.saved_tensors
         need_x, need_h0, need_c0, need_Wx, need_Wh, need_b = ctx.needs_input_grad
@@ -296,7 +303,8 @@ class LSTMSequenceFunction(torch.autograd.Function):
             #   local_o = tanh(c_t) o (1 - o),  local_g = i (1 - g^2),
             # and dc += dh * cell_from_h with cell_from_h = o (1 - tanh(c_t)^2). None of these
             # factors depends on dh or dc: they are computed here for all steps at once, in a
-            # few large operations, and the loop over time is left with four small ones.
+            # few large operations, and the loop over time multiplies local by dc and dh in
+            # place, turning it into da without a buffer of its own.
             local = torch.empty_like(gates)
             local_i, local_f, local_o, local_g = split_gates(local)
             torch.addcmul(
@@ -310,8 +318,9 @@ class LSTMSequenceFunction(torch.autograd.Function):
             cell_from_h = torch.mul(o, tanh_cells)
             torch.addcmul(o, cell_from_h, tanh_cells, value=-1, out=cell_from_h)
 
-            da = torch.empty_like(gates)
-            da_o = split_gates(da)[_OUTPUT_GATE]
+            da = local
+            # i and f are adjacent in GATE_ORDER, so one broadcast product covers both.
+            local_if = local[..., _INPUT_GATE * H : (_FORGET_GATE + 1) * H]
             dc = grad_c_n.clone(memory_format=torch.contiguous_format)
             dh = torch.empty_like(dc)
             Wh_t = Wh.t()
@@ -321,14 +330,9 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 else:
                     torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
                 dc.addcmul_(dh, cell_from_h[:, t])
-                # All four blocks as dc * local in one broadcast product; the output gate,
-                # which takes dh instead of dc, is then overwritten.
-                torch.mul(
-                    local[:, t].view(N, len(GATE_ORDER), H),
-                    dc.unsqueeze(1),
-                    out=da[:, t].view(N, len(GATE_ORDER), H),
-                )
-                torch.mul(local_o[:, t], dh, out=da_o[:, t])
+                local_if[:, t].view(N, 2, H).mul_(dc.unsqueeze(1))
+                local_g[:, t].mul_(dc)
+                local_o[:, t].mul_(dh)
                 dc.mul_(f[:, t])
 
             # a = x Wx + prev_h Wh + b over all steps: one matrix product or sum per gradient.
@@ -343,8 +347,8 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 grad_Wx = x.reshape(N * T, D).t() @ da_flat
             if need_Wh:
                 # prev_h: h0, then h_t = o * tanh(c_t) of every step but the last, recomputed
-                # with the forward's operation, so bit for bit.
-                prev_h = torch.empty_like(tanh_cells)
+                # with the forward's operation, so bit for bit, into the spent cell_from_h.
+                prev_h = cell_from_h
                 prev_h[:, 0] = h0
                 torch.mul(o[:, :-1], tanh_cells[:, :-1], out=prev_h[:, 1:])
                 grad_Wh = prev_h.view(N * T, H).t() @ da_flat
