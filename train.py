@@ -19,6 +19,7 @@ Fine-tune an existing model on new captions, or score a checkpoint:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import (
@@ -53,8 +54,11 @@ from torch_lstmcap.report import (
 )
 from torch_lstmcap.training import (
     CaptionPairs,
+    EncoderDecoder,
+    LengthBucketSampler,
     NonFiniteLossError,
     collate_captions,
+    encode_records,
     evaluate,
     seed_everything,
     train_one_epoch,
@@ -246,8 +250,6 @@ def build_optimizer(args, model: Captioner, encoder, steps_per_epoch: int):
 
 def make_loader(args, split: Split, vocab: Vocabulary, encoder, runtime: Distributed):
     if args.fine_tune_encoder:
-        # Limitation: without a feature cache nothing records unreadable photographs, so with
-        # --fine-tune-encoder one that cannot be decoded stops training instead of being skipped.
         pairs = CaptionPairs(split.records, vocab, args.max_length, encoder=encoder)
     else:
         pairs = CaptionPairs(
@@ -257,23 +259,33 @@ def make_loader(args, split: Split, vocab: Vocabulary, encoder, runtime: Distrib
             features=split.features.numpy(),
             skip=split.skip,
         )
-    sampler = None
-    if runtime.world_size > 1:
-        sampler = DistributedSampler(pairs, shuffle=True, seed=args.seed, drop_last=True)
+    sampler = LengthBucketSampler(
+        [len(ids) for _, ids in pairs.pairs],
+        args.batch_size,
+        seed=args.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
     return DataLoader(
         pairs,
-        batch_size=args.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
+        batch_sampler=sampler,
         num_workers=args.num_workers if args.fine_tune_encoder else 0,
-        collate_fn=lambda batch: collate_captions(batch, vocab.pad_id),
+        collate_fn=functools.partial(collate_captions, pad_id=vocab.pad_id),
     )
 
 
 def save_run(args, path: Path, model, vocab, encoder, training=None, dtype=None, extra=None):
+    # A fine-tuned encoder is part of the model; a frozen one comes from its package.
+    encoder_state = encoder.state_dict() if args.fine_tune_encoder else None
     save_checkpoint(
-        path, model, vocab, EncoderInfo.of(encoder), training=training, dtype=dtype, extra=extra
+        path,
+        model,
+        vocab,
+        EncoderInfo.of(encoder),
+        training=training,
+        dtype=dtype,
+        extra=extra,
+        encoder_state=encoder_state,
     )
 
 
@@ -288,8 +300,6 @@ def train(args, runtime: Distributed) -> int:
     train_split = load_split(
         args, "train", encoder, runtime, not args.fine_tune_encoder, limit=args.max_images
     )
-    # Limitation: with --fine-tune-encoder, validation still uses the features of the encoder
-    # as loaded, and checkpoints hold the captioner only: the tuned encoder is not saved.
     val_split = load_split(args, "val", encoder, runtime, True, limit=args.max_val_images)
 
     resumed = None
@@ -298,10 +308,14 @@ def train(args, runtime: Distributed) -> int:
         if resumed.training is None:
             raise CheckpointError(f"--resume: {last_path} holds no training state")
         vocab, model = resumed.vocab, resumed.model
+        if resumed.encoder_state is not None:
+            encoder.load_state_dict(resumed.encoder_state)
     else:
-        base = load_checkpoint(args.init_from).vocab if args.init_from else None
-        vocab = build_vocab(args, train_split.records, base)
+        base = load_checkpoint(args.init_from) if args.init_from else None
+        vocab = build_vocab(args, train_split.records, base.vocab if base else None)
         model, _ = build_model(args, vocab, encoder)
+        if base is not None and base.encoder_state is not None:
+            encoder.load_state_dict(base.encoder_state)
 
     model.to(device)
     encoder.to(device)
@@ -309,9 +323,9 @@ def train(args, runtime: Distributed) -> int:
         encoder.requires_grad_(False)
     loader = make_loader(args, train_split, vocab, encoder, runtime)
     optimizer, scheduler = build_optimizer(args, model, encoder, len(loader))
-    wrapped = model
+    wrapped = EncoderDecoder(encoder, model) if args.fine_tune_encoder else model
     if runtime.world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
 
     state = {"epoch": 0, "best_cider": -1.0, "bad_epochs": 0}
     if resumed is not None:
@@ -329,15 +343,13 @@ def train(args, runtime: Distributed) -> int:
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics_path = args.out / "metrics.jsonl"
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         result = train_one_epoch(
             wrapped,
             loader,
             optimizer,
             scheduler,
             device=device,
-            encoder=encoder if args.fine_tune_encoder else None,
             clip_norm=args.clip_norm,
             label_smoothing=args.label_smoothing,
             autocast_dtype=autocast,
@@ -347,6 +359,10 @@ def train(args, runtime: Distributed) -> int:
 
         stop = torch.zeros(1)
         if runtime.is_main:
+            if args.fine_tune_encoder:
+                # The cached validation features belong to the encoder before tuning.
+                features, failed = encode_records(encoder, val_split.records, device)
+                val_split = Split(val_split.records, features, failed)
             scores, predictions = evaluate(
                 model,
                 val_split.records,

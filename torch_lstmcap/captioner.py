@@ -2,14 +2,14 @@
 
     features (N, F) -> LayerNorm -> dropout -> Linear -> v (N, E)       image vector
     h0 = tanh(W_h v), c0 = tanh(W_c v)                                   state from the image
-    x_t = [embed(w_t) ; v]  (N, T, 2E)                                   the image at every step
+    x_t = embed(w_t)        (N, T, E)                                    words
     h = LSTM(x, (h0, c0))   (N, T, E)                                    torch_lstmcap.lstm
     logits = dropout(h) @ embed.weight^T + bias   (N, T, V)              tied output layer
 
-The image enters twice: it sets the initial state (Vinyals et al., 2015) and is fed beside every
-word, so it is not forgotten over a long sentence. The output layer reuses the word-embedding
-matrix (weight tying, Press and Wolf, 2017), which is why the embedding and hidden sizes are one
-number: on a corpus the size of Flickr8k it regularises, and halves the checkpoint.
+The image sets the initial state (Vinyals et al., 2015). The output layer reuses the
+word-embedding matrix (weight tying, Press and Wolf, 2017), which is why the embedding and
+hidden sizes are one number: on a corpus the size of Flickr8k it regularises, and it halves
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Captioner(nn.Module):
         self.init_h = nn.Linear(size, size)
         self.init_c = nn.Linear(size, size)
         self.embedding = nn.Embedding(config.vocab_size, size, padding_idx=config.pad_id)
-        self.lstm = LSTM(2 * size, size)
+        self.lstm = LSTM(size, size)
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.dropout = nn.Dropout(config.dropout)
         nn.init.normal_(self.embedding.weight, std=size**-0.5)
@@ -67,64 +67,63 @@ class Captioner(nn.Module):
         """features: (N, F) -> v: (N, E)."""
         return self.image_proj(self.dropout(self.feature_norm(features)))
 
-    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """features: (N, F) -> decoding state (h, c, v), each (N, E)."""
+    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features: (N, F) -> decoding state (h, c), each (N, E)."""
         image = self.image_vector(features)
-        return torch.tanh(self.init_h(image)), torch.tanh(self.init_c(image)), image
+        return torch.tanh(self.init_h(image)), torch.tanh(self.init_c(image))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (..., E) -> (..., V), through the tied embedding matrix."""
         return F.linear(self.dropout(hidden), self.embedding.weight, self.output_bias)
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, features: torch.Tensor, captions: torch.Tensor, targets_only: bool = False
+    ) -> torch.Tensor:
         """Teacher-forced logits for every next word.
 
         Args:
             features: (N, F) pooled image features.
             captions: (N, L) word ids ``<start> w1 .. wk <end> <pad>..``.
+            targets_only: return logits only where the next word is not padding, as
+                (K, V) in row-major order of ``captions[:, 1:]``; the output layer, the
+                largest product of a training step, then skips the padding.
 
         Returns:
-            (N, L-1, V) logits; position t predicts ``captions[:, t + 1]``.
+            (N, L-1, V) logits, position t predicting ``captions[:, t + 1]``; or (K, V).
         """
-        prev_h, prev_c, image = self.init_state(features)
+        prev_h, prev_c = self.init_state(features)
         words = self.dropout(self.embedding(captions[:, :-1]))  # (N, T, E), T = L - 1
-        image_steps = image.unsqueeze(1).expand(-1, words.shape[1], -1)  # (N, T, E)
-        inputs = torch.cat([words, image_steps], dim=2)  # (N, T, 2E)
         lstm = self.lstm
-        hidden, _ = lstm_forward(inputs, prev_h, lstm.Wx, lstm.Wh, lstm.b, c0=prev_c)
+        hidden, _ = lstm_forward(words, prev_h, lstm.Wx, lstm.Wh, lstm.b, c0=prev_c)
+        if targets_only:
+            hidden = hidden[captions[:, 1:] != self.config.pad_id]  # (K, E)
         return self.logits(hidden)
 
     def loss(
         self, features: torch.Tensor, captions: torch.Tensor, label_smoothing: float = 0.0
     ) -> torch.Tensor:
         """Mean cross-entropy over the real (non-pad) next words of ``captions``: (N, L)."""
-        logits = self(features, captions)
-        targets = captions[:, 1:]
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            targets.reshape(-1),
-            ignore_index=self.config.pad_id,
-            label_smoothing=label_smoothing,
+        return caption_loss(
+            self(features, captions, targets_only=True), captions, self.config, label_smoothing
         )
 
     def step(
-        self, words: torch.Tensor, state: tuple[torch.Tensor, ...]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self, words: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """One decoding step.
 
         Args:
             words: (B,) previous word ids (``<start>`` first).
-            state: (h, c, v), each (B, E).
+            state: (h, c), each (B, E).
 
         Returns:
             log_probs: (B, V) float32; the new state.
         """
-        prev_h, prev_c, image = state
-        inputs = torch.cat([self.embedding(words), image], dim=1)  # (B, 2E)
+        prev_h, prev_c = state
         lstm = self.lstm
-        next_h, next_c = lstm_step(inputs, prev_h, prev_c, lstm.Wx, lstm.Wh, lstm.b)
+        next_h, next_c = lstm_step(self.embedding(words), prev_h, prev_c, lstm.Wx, lstm.Wh, lstm.b)
         log_probs = F.log_softmax(self.logits(next_h).float(), dim=-1)
-        return log_probs, (next_h, next_c, image)
+        return log_probs, (next_h, next_c)
 
     def extend_vocab(self, new_size: int) -> None:
         """Grow the vocabulary to ``new_size`` words; old rows keep their trained values."""
@@ -142,3 +141,16 @@ class Captioner(nn.Module):
         self.embedding = embedding
         self.output_bias = nn.Parameter(bias)
         self.config = CaptionerConfig(**{**self.config.to_dict(), "vocab_size": new_size})
+
+
+def caption_loss(
+    target_logits: torch.Tensor,
+    captions: torch.Tensor,
+    config: CaptionerConfig,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``forward(..., targets_only=True)`` logits (K, V) against the
+    non-pad next words of ``captions`` (N, L)."""
+    targets = captions[:, 1:]
+    targets = targets[targets != config.pad_id]  # (K,)
+    return F.cross_entropy(target_logits.float(), targets, label_smoothing=label_smoothing)

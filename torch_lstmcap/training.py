@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .captioner import Captioner
+from .captioner import Captioner, caption_loss
 from .datasets import ImageCaptions
 from .decoding import beam_search
-from .encoder import ImageEncoder, load_image
+from .encoder import ImageEncoder, ImageLoadError, iter_image_batches, load_image
 from .metrics import score_captions
 from .vocab import Vocabulary
 
@@ -65,16 +66,76 @@ class CaptionPairs(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int]] | None:
+        """The pair's (features or pixels, caption ids); None for an unreadable photograph."""
         image, caption = self.pairs[index]
         if self.features is not None:
             return torch.from_numpy(np.array(self.features[image])), caption
-        photo = load_image(self.records[image].image_path)
+        try:
+            photo = load_image(self.records[image].image_path)
+        except ImageLoadError as error:
+            log.warning("skipping %s", error)
+            return None
         return self.encoder.preprocess(photo), caption
 
 
+class LengthBucketSampler:
+    """Batches of captions of similar length, in a new random order every epoch.
+
+    Padding costs as much as words in the LSTM, so each batch is cut from a chunk of
+    ``batch_size * 50`` shuffled pairs sorted by length; the batches are then shuffled. Under
+    torchrun every rank forms the same batches and takes every ``world_size``-th one.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.lengths = torch.as_tensor(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator)
+        chunk = self.batch_size * 50
+        batches = []
+        for start in range(0, len(order), chunk):
+            indices = order[start : start + chunk]
+            indices = indices[torch.argsort(self.lengths[indices], stable=True)]
+            # Incomplete batches are dropped: every step sees a full batch.
+            for first in range(0, len(indices) - self.batch_size + 1, self.batch_size):
+                batches.append(indices[first : first + self.batch_size].tolist())
+        shuffled = torch.randperm(len(batches), generator=generator).tolist()
+        batches = [batches[index] for index in shuffled]
+        usable = len(batches) // self.world_size * self.world_size
+        return batches[self.rank : usable : self.world_size]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
 def collate_captions(batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(image, ids)] -> images (B, ...), captions (B, L) padded with ``pad_id``."""
+    """[(image, ids) or None] -> images (B, ...), captions (B, L) padded with ``pad_id``.
+
+    None items (unreadable photographs) are left out, so such a batch is a little smaller.
+    """
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        raise ValueError("every photograph of a batch was unreadable")
     images = torch.stack([image for image, _ in batch])
     length = max(len(ids) for _, ids in batch)
     captions = torch.full((len(batch), length), pad_id, dtype=torch.long)
@@ -95,6 +156,62 @@ def warmup_cosine(total_steps: int, warmup_steps: int, floor: float = 0.05) -> C
     return factor
 
 
+class EncoderDecoder(nn.Module):
+    """Image encoder and captioner as one module, for ``--fine-tune-encoder``.
+
+    One module lets DistributedDataParallel average the encoder's gradients too.
+    """
+
+    def __init__(self, encoder: ImageEncoder, captioner: Captioner):
+        super().__init__()
+        self.encoder = encoder
+        self.captioner = captioner
+
+    @property
+    def config(self):
+        return self.captioner.config
+
+    def forward(
+        self, images: torch.Tensor, captions: torch.Tensor, targets_only: bool = False
+    ) -> torch.Tensor:
+        """images: (N, 3, S, S), captions: (N, L) -> logits, as :meth:`Captioner.forward`."""
+        return self.captioner(self.encoder(images), captions, targets_only)
+
+    def train(self, mode: bool = True) -> EncoderDecoder:
+        super().train(mode)
+        # Batch-norm keeps its ImageNet statistics: caption batches are too small and too
+        # alike to estimate new ones, and the running averages would drift towards them.
+        for module in self.encoder.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+@torch.inference_mode()
+def encode_records(
+    encoder: ImageEncoder,
+    records: Sequence[ImageCaptions],
+    device: torch.device,
+    batch_size: int = 32,
+    num_workers: int = 2,
+) -> tuple[torch.Tensor, set[int]]:
+    """Pooled features of every photograph, with the encoder as it is now (not cached).
+
+    Returns:
+        features (N, F) float32 on the CPU (zeros for unreadable photographs), and the
+        indices of those unreadable photographs.
+    """
+    encoder.eval()
+    paths = [record.image_path for record in records]
+    features = torch.zeros(len(paths), encoder.feature_dim)
+    failed = set()
+    for batch in iter_image_batches(paths, encoder.preprocessing, batch_size, num_workers):
+        failed.update(batch.errors)
+        if batch.indices:
+            features[batch.indices] = encoder(batch.pixels.to(device)).float().cpu()
+    return features, failed
+
+
 @dataclass
 class EpochResult:
     loss: float
@@ -109,7 +226,6 @@ def train_one_epoch(
     scheduler,
     *,
     device: torch.device,
-    encoder: ImageEncoder | None = None,
     clip_norm: float = 2.0,
     label_smoothing: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
@@ -118,8 +234,8 @@ def train_one_epoch(
 ) -> EpochResult:
     """One pass of teacher forcing over ``loader``.
 
-    ``model`` may be a DistributedDataParallel wrapper around a :class:`Captioner`; with
-    ``encoder`` the loader yields images, which go through the encoder (being fine-tuned).
+    ``model`` is a :class:`Captioner` fed cached features, or an :class:`EncoderDecoder` fed
+    images (``--fine-tune-encoder``), possibly inside DistributedDataParallel.
 
     Raises:
         NonFiniteLossError: the loss or the gradient norm became NaN or infinite; the weights
@@ -128,21 +244,13 @@ def train_one_epoch(
     distributed = isinstance(model, DistributedDataParallel)
     captioner = model.module if distributed else model
     model.train()
-    if encoder is not None:
-        encoder.train()
     start, total, steps = time.perf_counter(), 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
     for images, captions in bar:
         images, captions = images.to(device), captions.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            features = encoder(images) if encoder is not None else images
-            logits = model(features, captions)
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(),
-                captions[:, 1:].reshape(-1),
-                ignore_index=captioner.config.pad_id,
-                label_smoothing=label_smoothing,
-            )
+            logits = model(images, captions, targets_only=True)
+            loss = caption_loss(logits, captions, captioner.config, label_smoothing)
         observed = loss.detach()
         if distributed:
             # The mean over ranks: the logged loss covers every rank's batch, and a NaN on one
