@@ -4,8 +4,9 @@
     python caption.py holiday/ more.png --json      # one JSON object per image
     python caption.py photo.jpg --checkpoint runs/f8k/best.safetensors --top-k 3
 
-Exit status: 0 if every image was captioned, 1 if any image could not be read, 2 for a usage
-error (bad option, missing or unusable checkpoint, no images).
+Exit status: 0 if every image was captioned, 1 if any image could not be read (or the output
+could not be written), 2 for a usage error (bad option, missing or unusable checkpoint, no
+images).
 """
 
 from __future__ import annotations
@@ -51,12 +52,43 @@ def usage_error(message: str) -> int:
     return EXIT_USAGE
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped (``\\n``, ``\\xff``).
+
+    A file name may hold a newline or a tab, which would split a result across lines or
+    columns, and bytes that are not UTF-8, which Python carries as lone surrogates.
+    """
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    if 0xDC80 <= ord(char) <= 0xDCFF:
+        # os.fsdecode's stand-in for the byte ord(char) - 0xDC00.
+        return f"\\x{ord(char) - 0xDC00:02x}"
+    return char.encode("unicode_escape").decode("ascii")
+
+
+def json_line(record: dict) -> str:
+    """One JSON object; an undecodable byte of a file name becomes a ``\\udcXX`` escape.
+
+    Such a byte is a lone surrogate in Python, which ``json.loads`` gives back and
+    ``os.fsencode`` turns into the original byte; written raw it would not be UTF-8.
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if sys.stdout is None:
+        # Started with stdout closed (caption.py photo.jpg >&-): the captions would go nowhere.
+        return usage_error("standard output is closed")
     if args.beam_size < 1 or args.batch_size < 1 or args.max_length < 2:
         return usage_error("--beam-size and --batch-size must be >= 1, --max-length >= 2")
     if not 1 <= args.top_k <= args.beam_size:
         return usage_error(f"--top-k must be between 1 and --beam-size ({args.beam_size})")
+    if args.checkpoint is not None and args.checkpoint.is_dir():
+        return usage_error(f"{args.checkpoint}: is a folder, not a checkpoint file")
     if args.checkpoint is not None and not args.checkpoint.is_file():
         return usage_error(f"{args.checkpoint}: no such checkpoint file")
 
@@ -64,7 +96,7 @@ def main(argv=None) -> int:
     import torch
 
     from torch_lstmcap.checkpoint import CheckpointError
-    from torch_lstmcap.encoder import EncoderError
+    from torch_lstmcap.encoder import EncoderError, ImageLoadError
     from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path, expand_image_paths
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -74,14 +106,22 @@ def main(argv=None) -> int:
         return usage_error(
             f"no default model is bundled in {checkpoint}; train one with: {TRAIN_HINT}"
         )
-    paths = expand_image_paths(args.images)
-    if not paths:
+    paths, unlisted = [], []
+    for item in args.images:
+        try:
+            paths.extend(expand_image_paths([item]))
+        except ImageLoadError as error:
+            unlisted.append((item, str(error)))
+    if not paths and not unlisted:
         return usage_error("no image files found in the given folders")
     try:
         captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device)
     except (CheckpointError, EncoderError) as error:
-        return usage_error(str(error))
+        return usage_error(printable(str(error)))
 
+    failed = len(unlisted)
+    for item, error in unlisted:
+        report_error(item, error, args.json)
     results = captioner.caption_files(
         paths,
         batch_size=args.batch_size,
@@ -90,14 +130,10 @@ def main(argv=None) -> int:
         top_k=args.top_k,
         max_length=args.max_length,
     )
-    failed = 0
     for result in results:
         if result.error is not None:
             failed += 1
-            print(f"caption.py: {result.error}", file=sys.stderr)
-            if args.json:
-                record = {"image": result.image, "error": result.error}
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+            report_error(result.image, result.error, args.json)
             continue
         best = result.captions[0]
         if args.json:
@@ -106,12 +142,19 @@ def main(argv=None) -> int:
                 record["captions"] = [
                     {"caption": c.text, "log_prob": c.log_prob} for c in result.captions
                 ]
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+            print(json_line(record), flush=True)
         else:
             texts = [c.text for c in result.captions]
-            prefix = "" if len(paths) == 1 else f"{result.image}\t"
+            prefix = "" if len(paths) == 1 else f"{printable(result.image)}\t"
             print(prefix + "\t".join(texts), flush=True)
     return EXIT_IMAGE_FAILED if failed else EXIT_OK
+
+
+def report_error(image: str, error: str, as_json: bool) -> None:
+    """One line on stderr for an image that failed, and its JSON record with ``--json``."""
+    print(f"caption.py: {printable(error)}", file=sys.stderr)
+    if as_json:
+        print(json_line({"image": image, "error": error}), flush=True)
 
 
 if __name__ == "__main__":
@@ -125,3 +168,9 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         # Ctrl-C ends the run without a traceback, with the status a shell gives SIGINT.
         sys.exit(128 + 2)
+    except OSError as error:
+        # Most often stdout itself failed (a full disk); Python's last flush at exit would
+        # fail again, so stdout is pointed at a sink first, as for a closed pipe.
+        print(f"caption.py: error: cannot write the results ({error.strerror})", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_IMAGE_FAILED)

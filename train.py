@@ -69,8 +69,15 @@ from torch_lstmcap.vocab import Vocabulary, tokenize
 log = logging.getLogger("train")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Train or evaluate a torch_lstmcap captioner.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -192,6 +199,11 @@ def load_split(
     )
     if runtime.world_size > 1 and runtime.is_main:
         dist.barrier()
+    if len(cache.failed) == len(records):
+        raise DatasetError(
+            f"{split}: none of the {len(records)} photographs could be read "
+            f"(the first: {cache.failed[0]})"
+        )
     # A copy in memory: Flickr8k's 6,000 rows are 30 MB, and reading a memory map row by row
     # in the training loop would be slower.
     return Split(records, torch.from_numpy(np.array(cache.features)), set(cache.failed))
@@ -292,9 +304,24 @@ def save_run(args, path: Path, model, vocab, encoder, training=None, dtype=None,
 def train(args, runtime: Distributed) -> int:
     device = torch.device(args.device)
     last_path, best_path = args.out / "last.safetensors", args.out / "best.safetensors"
-    # Checked before the features are computed, which can take a while.
-    if args.resume and not last_path.is_file():
-        raise CheckpointError(f"--resume: {last_path} does not exist yet")
+    # Checkpoints are read before the features are computed, which can take a while.
+    resumed = base = None
+    if args.resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"--resume: {last_path} does not exist yet")
+        resumed = load_checkpoint(last_path)
+        if resumed.training is None:
+            raise CheckpointError(f"--resume: {last_path} holds no training state")
+    else:
+        # A new run here would overwrite the old run's checkpoints and mix the two logs.
+        existing = [path.name for path in (last_path, best_path) if path.exists()]
+        if existing:
+            raise CheckpointError(
+                f"{args.out} already holds a run ({', '.join(existing)}); continue it with "
+                "--resume, or choose another --out"
+            )
+        if args.init_from:
+            base = load_checkpoint(args.init_from)
     seed_everything(args.seed + runtime.rank)
     encoder = build_encoder(args.encoder)
     train_split = load_split(
@@ -302,16 +329,11 @@ def train(args, runtime: Distributed) -> int:
     )
     val_split = load_split(args, "val", encoder, runtime, True, limit=args.max_val_images)
 
-    resumed = None
-    if args.resume:
-        resumed = load_checkpoint(last_path)
-        if resumed.training is None:
-            raise CheckpointError(f"--resume: {last_path} holds no training state")
+    if resumed is not None:
         vocab, model = resumed.vocab, resumed.model
         if resumed.encoder_state is not None:
             encoder.load_state_dict(resumed.encoder_state)
     else:
-        base = load_checkpoint(args.init_from) if args.init_from else None
         vocab = build_vocab(args, train_split.records, base.vocab if base else None)
         model, _ = build_model(args, vocab, encoder)
         if base is not None and base.encoder_state is not None:
@@ -322,6 +344,12 @@ def train(args, runtime: Distributed) -> int:
     if not args.fine_tune_encoder:
         encoder.requires_grad_(False)
     loader = make_loader(args, train_split, vocab, encoder, runtime)
+    if len(loader) == 0:
+        raise DatasetError(
+            f"--batch-size {args.batch_size} leaves no full batch: the training split has "
+            f"{len(loader.dataset)} captions"
+            + (f" for {runtime.world_size} processes" if runtime.world_size > 1 else "")
+        )
     optimizer, scheduler = build_optimizer(args, model, encoder, len(loader))
     wrapped = EncoderDecoder(encoder, model) if args.fine_tune_encoder else model
     if runtime.world_size > 1:
@@ -336,9 +364,11 @@ def train(args, runtime: Distributed) -> int:
         if device.type == "cuda" and "cuda_rng" in training:
             torch.cuda.set_rng_state(training["cuda_rng"], device)
         state = {key: training[key] for key in state}
-        if runtime.is_main:
-            truncate_metrics(args.out / "metrics.jsonl", state["epoch"])
         log.info("resuming after epoch %d (best CIDEr %.3f)", state["epoch"], state["best_cider"])
+    if runtime.is_main:
+        # Epochs logged after the last checkpoint go; a fresh run also drops the log of an
+        # attempt killed before its first checkpoint.
+        truncate_metrics(args.out / "metrics.jsonl", state["epoch"])
 
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics_path = args.out / "metrics.jsonl"
@@ -463,6 +493,11 @@ def replica_fingerprints(model: Captioner, runtime: Distributed) -> list[str]:
 def evaluate_checkpoint(args) -> int:
     """--eval-only: decode a split with beam search and score it with every metric."""
     checkpoint = load_checkpoint(args.checkpoint, device=args.device)
+    if args.metrics_out:
+        # Checked before the split is decoded, which can take a while.
+        if args.metrics_out.is_dir():
+            raise DatasetError(f"--metrics-out {args.metrics_out} is a folder, not a file")
+        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
     encoder = build_encoder(checkpoint.encoder.name)
     split = load_split(args, args.split, encoder, Distributed(), True)
     start = time.perf_counter()
@@ -485,7 +520,6 @@ def evaluate_checkpoint(args) -> int:
     print(format_metrics_table(scores))
     print(f"{scores['images']} images scored in {time.perf_counter() - start:.0f}s")
     if args.metrics_out:
-        args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
         args.metrics_out.write_text(json.dumps(scores, indent=2) + "\n")
     return 0
 
@@ -496,6 +530,41 @@ def _args_json(args) -> dict:
     }
 
 
+def check_ranges(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse values that would only fail later, after the features were computed."""
+    at_least = {
+        "--epochs": (args.epochs, 1),
+        "--batch-size": (args.batch_size, 1),
+        "--beam-size": (args.beam_size, 1),
+        "--hidden-size": (args.hidden_size, 1),
+        "--max-length": (args.max_length, 1),
+        "--min-count": (args.min_count, 1),
+        "--patience": (args.patience, 1),
+        "--max-images": (args.max_images, 1),
+        "--max-val-images": (args.max_val_images, 1),
+    }
+    for flag, (value, low) in at_least.items():
+        if value is not None and value < low:
+            parser.error(f"{flag} must be at least {low}, got {value}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not (args.lr > 0 and np.isfinite(args.lr)):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but no CUDA GPU is available")
+
+
+def _os_error_message(error: OSError) -> str:
+    """An OSError as "path: reason", without Python's "[Errno N]" prefix."""
+    if error.filename is None or error.strerror is None:
+        return str(error)
+    return f"{error.filename}: {error.strerror}"
+
+
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -503,8 +572,11 @@ def main(argv=None) -> int:
         parser.error("--eval-only needs --checkpoint")
     if not args.eval_only and args.out is None:
         parser.error("training needs --out RUN_DIR")
+    if not args.eval_only and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a run folder")
     if args.extend_vocab and args.init_from is None:
         parser.error("--extend-vocab needs --init-from")
+    check_ranges(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     runtime = Distributed()
@@ -524,11 +596,20 @@ def main(argv=None) -> int:
         if runtime.is_main:
             print(f"error: {error}; training stopped, {kept}", file=sys.stderr)
         return 1
-    except (DatasetError, CheckpointError, EncoderError, OSError) as error:
+    except (DatasetError, CheckpointError, EncoderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        print(f"error: {_os_error_message(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        if args.eval_only:
+            print("interrupted", file=sys.stderr)
+        elif (args.out / "last.safetensors").is_file():
+            print("interrupted; rerun with --resume to continue", file=sys.stderr)
+        else:
+            # Before the first checkpoint; the feature cache keeps what was computed.
+            print("interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
     finally:
         if runtime.world_size > 1:

@@ -6,11 +6,15 @@
 Every implementation runs the same layer (same weights, inputs and output gradients) in one
 process, in interleaved rounds so that load from other processes falls on all of them alike:
 
-    lstm_forward      torch_lstmcap.lstm_forward (hand-written sequence backward)
-    nn.LSTM           torch.nn.LSTM, batch first
-    nn.LSTMCell loop  torch.nn.LSTMCell called once per step from Python
-    autograd          the same math as lstm_forward in plain PyTorch ops, autograd's backward
-    matmul floor      the matrix products alone, no gate arithmetic: what no LSTM can beat
+    lstm_forward                 torch_lstmcap.lstm_forward (hand-written sequence backward)
+                                 with its fused CPU gate kernel (if the kernel cannot be built,
+                                 the library logs a warning and this is the next line again)
+    lstm_forward (PyTorch path)  the same with LSTMCAP_FUSED=0: the gate arithmetic in PyTorch
+                                 operations, the reference the fused kernel is tested against
+    nn.LSTM                      torch.nn.LSTM, batch first
+    nn.LSTMCell loop             torch.nn.LSTMCell called once per step from Python
+    autograd                     the math of lstm_forward in plain PyTorch ops, autograd's backward
+    matmul floor                 the matrix products alone, no gate arithmetic: what no LSTM beats
 
 The table lists the median and the minimum time of each, each as a ratio to nn.LSTM, the
 minimum as a ratio to the matmul floor, and the bytes each implementation saves for the
@@ -22,7 +26,9 @@ computing thread, which leaves out the time spent waiting for a core.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch_lstmcap.lstm import LSTM, lstm_forward, split_gates  # noqa: E402
 
-IMPLEMENTATIONS = ("lstm_forward", "nn.LSTM", "nn.LSTMCell loop", "autograd", "matmul floor")
+IMPLEMENTATIONS = (
+    "lstm_forward",
+    "lstm_forward (PyTorch path)",
+    "nn.LSTM",
+    "nn.LSTMCell loop",
+    "autograd",
+    "matmul floor",
+)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -103,6 +116,11 @@ def make_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]],
     def ours() -> Tensor:
         return lstm_forward(x, h0, Wx, Wh, b, c0=c0)[0]
 
+    def ours_pytorch_path() -> Tensor:
+        # The backward follows the path its forward took, so only the forward needs the switch.
+        with fused_kernel_disabled():
+            return lstm_forward(x, h0, Wx, Wh, b, c0=c0)[0]
+
     def torch_module() -> Tensor:
         return torch_lstm(x, (h0.unsqueeze(0), c0.unsqueeze(0)))[0]
 
@@ -119,6 +137,7 @@ def make_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]],
 
     forwards = {
         "lstm_forward": ours,
+        "lstm_forward (PyTorch path)": ours_pytorch_path,
         "nn.LSTM": torch_module,
         "nn.LSTMCell loop": cell_loop,
         "autograd": plain,
@@ -140,6 +159,20 @@ def make_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]],
         cases["matmul floor"] = matmul_floor(x.detach(), h0.detach(), Wx.detach(), Wh.detach())
     saved = {name: saved_bytes(forward) for name, forward in forwards.items()}
     return cases, saved
+
+
+@contextlib.contextmanager
+def fused_kernel_disabled():
+    """Run lstm_forward on its PyTorch path (LSTMCAP_FUSED=0) inside the block."""
+    previous = os.environ.get("LSTMCAP_FUSED")
+    os.environ["LSTMCAP_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["LSTMCAP_FUSED"]
+        else:
+            os.environ["LSTMCAP_FUSED"] = previous
 
 
 def matmul_floor(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor) -> Callable[[], None]:
@@ -226,14 +259,14 @@ def print_table(rows: dict, args: argparse.Namespace) -> None:
         f"{args.repeats} rounds"
     )
     print(
-        f"{'implementation':<18} {'median ms':>10} {'min ms':>9} {'median/nn':>10} "
+        f"{'implementation':<28} {'median ms':>10} {'min ms':>9} {'median/nn':>10} "
         f"{'min/nn':>7} {'min/floor':>10} {'saved MiB':>10}"
     )
     for name, row in rows.items():
         saved = "-" if row["saved_bytes"] is None else f"{row['saved_bytes'] / 2**20:.1f}"
         floor = "-" if row["min_floor_ratio"] is None else f"{row['min_floor_ratio']:.2f}"
         print(
-            f"{name:<18} {row['median_ms']:>10.1f} {row['min_ms']:>9.1f} "
+            f"{name:<28} {row['median_ms']:>10.1f} {row['min_ms']:>9.1f} "
             f"{row['median_ratio']:>10.2f} {row['min_ratio']:>7.2f} {floor:>10} {saved:>10}"
         )
 

@@ -257,8 +257,8 @@ def test_missing_and_unexpected_weights(tmp_path, saved):
 
 @pytest.mark.parametrize(
     "config_change",
-    [{"hidden_size": "16"}, {"hidden_size": -3}, {"dropout": 2.0}],
-    ids=["string", "negative", "dropout"],
+    [{"hidden_size": "16"}, {"hidden_size": -3}, {"dropout": 2.0}, {"pad_id": VOCAB_SIZE + 9}],
+    ids=["string", "negative", "dropout", "pad-id-out-of-range"],
 )
 def test_unusable_config(tmp_path, saved, config_change):
     path, model = saved
@@ -276,6 +276,41 @@ def test_config_that_disagrees_with_the_vocabulary(tmp_path, saved):
 
 def test_missing_file(tmp_path):
     assert_one_line_error(tmp_path / "nowhere.safetensors", "no such checkpoint file")
+
+
+def test_folder_is_not_a_checkpoint(tmp_path):
+    assert_one_line_error(tmp_path, "is a folder, not a checkpoint file")
+
+
+def test_unreadable_file_says_so_rather_than_missing(tmp_path, saved):
+    path, _ = saved
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("this user reads files whatever their mode (root)")
+        assert_one_line_error(path, "cannot read \\(Permission denied\\)")
+    finally:
+        path.chmod(0o644)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (float("nan"), "holds NaN or infinite values"),
+        (float("inf"), "holds NaN or infinite values"),
+        (None, "is stored as torch.int32"),
+    ],
+    ids=["nan", "inf", "int32"],
+)
+def test_weights_that_cannot_caption_are_refused(tmp_path, saved, value, match):
+    path, model = saved
+    bias = model.output_bias.detach().clone()
+    if value is None:
+        bias = bias.to(torch.int32)
+    else:
+        bias[3] = value
+    tampered = rewrite(path, tmp_path / "bad.safetensors", tensors={"model/output_bias": bias})
+    assert_one_line_error(tampered, f"weight output_bias {match}")
 
 
 @pytest.mark.parametrize(
@@ -316,6 +351,16 @@ def test_other_format_version(tmp_path, saved):
         {"vocab": json.dumps(["<pad>", "a"])},
         {"vocab": None},
         {"encoder": json.dumps({"name": "x"})},
+        *(
+            {"encoder": json.dumps({**ENCODER.to_dict(), "preprocessing": preprocessing})}
+            for preprocessing in (
+                {"image_size": 0, "mean": [0.5] * 3, "std": [0.25] * 3},
+                {"image_size": 100_000, "mean": [0.5] * 3, "std": [0.25] * 3},
+                {"image_size": 224, "mean": [0.5] * 2, "std": [0.25] * 3},
+                {"image_size": 224, "mean": "abc", "std": [0.25] * 3},
+                {"image_size": 224, "mean": [0.5] * 3, "std": [0.0] * 3},
+            )
+        ),
         {"config": "{not json"},
         {"config": json.dumps({"vocab_size": VOCAB_SIZE, "layers": 2})},
         {"training": json.dumps({"__tensor__": "training/99"})},
@@ -325,6 +370,11 @@ def test_other_format_version(tmp_path, saved):
         "bad-vocab",
         "no-vocab",
         "bad-encoder",
+        "image-size-0",
+        "image-size-huge",
+        "two-means",
+        "mean-string",
+        "std-zero",
         "bad-config",
         "unknown-config-field",
         "dangling-tensor",

@@ -1,12 +1,17 @@
 """Tests of the hand-written LSTM: gradcheck, parity with autograd and torch.nn.LSTM, gate order,
-partial gradients, grad modes, layouts, dtypes, autocast, argument errors and CUDA."""
+partial gradients, grad modes, layouts, dtypes, autocast, argument errors and CUDA.
 
+Every test runs twice: with the fused CPU kernel of the sequence Function and on its PyTorch
+path (LSTMCAP_FUSED=0), the reference the kernel is checked against."""
+
+import logging
 import math
 
 import pytest
 import torch
 from torch import nn
 
+from torch_lstmcap import lstm as lstm_module
 from torch_lstmcap.lstm import (
     GATE_ORDER,
     LSTM,
@@ -22,6 +27,19 @@ CUDA = pytest.param(
 )
 DEVICES = ["cpu", CUDA]
 INPUT_NAMES = ("x", "h0", "c0", "Wx", "Wh", "b")
+
+
+@pytest.fixture(autouse=True, params=["fused", "pytorch"])
+def gate_path(request, monkeypatch):
+    """Run the test with the fused kernel, or on the PyTorch path; skip the fused run when the
+    kernel cannot be built here (the library then logs a warning and uses the PyTorch path)."""
+    if request.param == "pytorch":
+        monkeypatch.setenv("LSTMCAP_FUSED", "0")
+    else:
+        monkeypatch.delenv("LSTMCAP_FUSED", raising=False)
+        if lstm_module._fused_ops() is None:
+            pytest.skip("the fused LSTM kernel does not build here")
+    return request.param
 
 
 def make_inputs(N, T, D, H, dtype=torch.float64, device="cpu", seed=0):
@@ -164,6 +182,81 @@ def test_parity_with_autograd(fn, dtype, tol, device):
     actual = outputs_and_grads(fn, inputs)
     assert_all_close(actual[0], expected[0], atol=tol, rtol=tol)
     assert_all_close(actual[1], expected[1], atol=tol, rtol=tol)
+
+
+def run_on_path(fused, fn, inputs, monkeypatch):
+    """outputs_and_grads(fn, inputs) with the fused kernel on or off."""
+    monkeypatch.setenv("LSTMCAP_FUSED", "1" if fused else "0")
+    return outputs_and_grads(fn, inputs)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
+@pytest.mark.parametrize(
+    "N, T, D, H",
+    # H below, at and past the vector width (its tail), and a batch of rows large enough for
+    # the kernel to split it between threads.
+    [(3, 5, 4, 7), (2, 3, 5, 8), (5, 4, 3, 19), (64, 3, 9, 130)],
+)
+def test_fused_kernel_equals_pytorch_path(N, T, D, H, dtype, tol, gate_path, monkeypatch):
+    if gate_path != "fused":
+        pytest.skip("compares the two paths once")
+    inputs = make_inputs(N, T, D, H, dtype=dtype)
+    with torch.no_grad():
+        for tensor in inputs[3:]:
+            tensor.mul_(1 / math.sqrt(H))
+    fused = run_on_path(True, ours, inputs, monkeypatch)
+    reference = run_on_path(False, ours, inputs, monkeypatch)
+    # The kernel's exp and its fused multiply-adds round differently from PyTorch's operations
+    # by an ulp or two; a gradient that sums many such terms (dWx over N*T rows) can cancel to
+    # a small entry, so the absolute tolerance is relative to the tensor's largest entry.
+    pairs = zip([*fused[0], *fused[1]], [*reference[0], *reference[1]], strict=True)
+    for actual, expected in pairs:
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(actual, expected, atol=tol * scale, rtol=tol)
+
+
+def test_fused_kernel_is_used_unless_disabled(gate_path):
+    inputs = make_inputs(2, 3, 4, 5, dtype=torch.float32)
+    h = ours(*inputs)[0]
+    assert (h.grad_fn.fused_ops is not None) == (gate_path == "fused")
+    # Neither bfloat16 nor a device other than the CPU has a fused kernel.
+    low = [tensor.detach().bfloat16().requires_grad_() for tensor in inputs]
+    assert ours(*low)[0].grad_fn.fused_ops is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nan_input_gives_nan_state(dtype):
+    # A NaN must reach the loss (training stops on it), not be squashed by an activation.
+    inputs = [tensor.detach() for tensor in make_inputs(2, 3, 4, 9, dtype=dtype)]
+    inputs[0][1, 1, 2] = float("nan")
+    h, h_n, c_n = ours(*inputs)
+    assert not h[0].isnan().any() and not h[1, 0].isnan().any()
+    assert h[1, 1:].isnan().all() and h_n[1].isnan().all() and c_n[1].isnan().all()
+
+
+def test_fused_kernel_build_failure_falls_back(gate_path, monkeypatch, caplog):
+    if gate_path != "fused":
+        pytest.skip("one run is enough")
+    import torch.utils.cpp_extension
+
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("Error building extension: no compiler")
+
+    inputs = make_inputs(2, 4, 3, 5)
+    expected = run_on_path(False, ours, inputs, monkeypatch)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", failing_build)
+    lstm_module._fused_ops.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="torch_lstmcap.lstm"):
+            first = run_on_path(True, ours, inputs, monkeypatch)
+            second = run_on_path(True, ours, inputs, monkeypatch)
+    finally:
+        lstm_module._fused_ops.cache_clear()
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no compiler" in warnings[0].getMessage()
+    for actual in (first, second):
+        assert_all_close(actual[0], expected[0], atol=0, rtol=0)
+        assert_all_close(actual[1], expected[1], atol=0, rtol=0)
 
 
 def from_torch_order(weight):

@@ -173,8 +173,15 @@ def load_checkpoint(
             differs from ``expect_vocab``, or weights whose shapes do not fit the config.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        # safetensors reports a file it may not read as missing; open() gives the true reason.
+        open(path, "rb").close()
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error.strerror})") from None
     try:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             metadata = reader.metadata() or {}
@@ -194,7 +201,8 @@ def load_checkpoint(
         # caller's random stream (a resumed run restores that stream after loading).
         with torch.random.fork_rng(devices=[]):
             model = Captioner(config)
-    except (TypeError, ValueError, RuntimeError) as error:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as error:
+        # torch.nn.Embedding asserts, rather than raises, on a padding id out of range.
         raise CheckpointError(
             f"{path}: unusable model config {config} ({_one_line(error)})"
         ) from None
@@ -208,7 +216,7 @@ def load_checkpoint(
         for name, tensor in tensors.items()
         if name.startswith(_MODEL_PREFIX)
     }
-    _check_shapes(path, model, state)
+    _check_weights(path, model, state)
     model.load_state_dict(state)
     model.to(device).eval()
 
@@ -277,8 +285,9 @@ def _vocab_difference(found: Vocabulary, expected: Vocabulary) -> str:
     )
 
 
-def _check_shapes(path: Path, model: Captioner, state: dict) -> None:
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+def _check_weights(path: Path, model: Captioner, state: dict) -> None:
+    expected_tensors = model.state_dict()
+    expected = {name: tuple(tensor.shape) for name, tensor in expected_tensors.items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -292,6 +301,14 @@ def _check_shapes(path: Path, model: Captioner, state: dict) -> None:
                 f"{path}: weight {name} has shape {tuple(state[name].shape)}, the model's "
                 f"config needs {shape}"
             )
+        # load_state_dict would quietly cast integer or boolean tensors into the float weights,
+        # and NaN weights give NaN scores that no search can rank.
+        if not expected_tensors[name].is_floating_point():
+            continue
+        if not state[name].is_floating_point():
+            raise CheckpointError(f"{path}: weight {name} is stored as {state[name].dtype}")
+        if not torch.isfinite(state[name]).all():
+            raise CheckpointError(f"{path}: weight {name} holds NaN or infinite values")
 
 
 def _pack(value, tensors: dict):

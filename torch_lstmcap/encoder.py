@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import pickle
 import threading
@@ -60,6 +61,9 @@ LITE_STD = (128 / 255, 128 / 255, 128 / 255)
 # Photographs above this many pixels are refused rather than decoded: a 20000 x 20000 PNG of a
 # few kilobytes (a "decompression bomb") would otherwise take gigabytes of memory.
 MAX_IMAGE_PIXELS = 100_000_000
+# The largest encoder input side a checkpoint may ask for; real encoders use 224 to 300, and a
+# damaged header asking for 100000 would allocate 120 GB per batch of 16.
+MAX_INPUT_SIZE = 2048
 
 # PIL warns about large images from inside Image.open, before this module can apply its own
 # limit. The warning is silenced around that call only, and warnings.catch_warnings swaps
@@ -88,7 +92,29 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: dict) -> Preprocessing:
-        return cls(int(values["image_size"]), tuple(values["mean"]), tuple(values["std"]))
+        """Read what :meth:`to_dict` wrote; a checkpoint header is checked, not trusted.
+
+        Raises:
+            ValueError: a size outside 1..MAX_INPUT_SIZE, or a mean or std that is not three
+                finite numbers (std above zero).
+        """
+        size, mean, std = values["image_size"], values["mean"], values["std"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
+            raise ValueError(f"image_size must be an integer from 1 to {MAX_INPUT_SIZE}: {size!r}")
+        for name, triple in (("mean", mean), ("std", std)):
+            if not (
+                isinstance(triple, list | tuple)
+                and len(triple) == 3
+                and all(_is_finite_number(value) for value in triple)
+            ):
+                raise ValueError(f"{name} must be three finite numbers: {triple!r}")
+        if min(std) <= 0:
+            raise ValueError(f"std must be above zero: {std!r}")
+        return cls(size, tuple(mean), tuple(std))
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -108,12 +134,16 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
             the message is one line that starts with the path.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ImageLoadError(f"{path}: is a directory, not an image file")
-    if not path.is_file():
-        raise ImageLoadError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(f"{path}: file is empty")
+    try:
+        if path.is_dir():
+            raise ImageLoadError(f"{path}: is a directory, not an image file")
+        if not path.is_file():
+            raise ImageLoadError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise ImageLoadError(f"{path}: file is empty")
+    except OSError as error:
+        # A folder on the way that may not be searched makes even stat() fail.
+        raise ImageLoadError(f"{path}: cannot open ({_one_line(error)})") from None
 
     try:
         with _OPEN_LOCK, warnings.catch_warnings():

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .decoding import DEFAULT_LENGTH_PENALTY, beam_search
-from .encoder import ImageEncoder, build_encoder, iter_image_batches, load_image
+from .encoder import ImageEncoder, ImageLoadError, build_encoder, iter_image_batches, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
@@ -165,12 +165,23 @@ def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files stay as given; a folder becomes its image files (by suffix), sorted.
 
     Only the folder's own files count: subfolders are not searched.
+
+    Raises:
+        ImageLoadError: a folder that cannot be listed (no permission to read it).
     """
     paths = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            images = (p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            paths.extend(sorted(p for p in images if p.is_file()))
-        else:
+        try:
+            is_folder = item.is_dir()
+        except OSError:
+            # Left to load_image, which reports why the file cannot be reached.
+            is_folder = False
+        if not is_folder:
             paths.append(item)
+            continue
+        try:
+            images = [p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+            paths.extend(sorted(p for p in images if p.is_file()))
+        except OSError as error:
+            raise ImageLoadError(f"{item}: cannot list folder ({error.strerror})") from None
     return paths

@@ -13,6 +13,12 @@ One step of the LSTM, for a batch of N inputs x: (N, D) and a state prev_h, prev
 in the tests. `LSTM` is the layer that holds Wx: (D, 4H), Wh: (H, 4H) and b: (4H,) and converts
 to and from `torch.nn.LSTM`.
 
+On CPU in float32 and float64, `LSTMSequenceFunction` runs the gate arithmetic of each step
+in a fused C++ kernel, built on first use with torch.utils.cpp_extension and cached by torch;
+the PyTorch operations it replaces stay as the reference the tests check it against, and run
+when the kernel cannot be built, for other dtypes and devices, and when the environment sets
+LSTMCAP_FUSED=0.
+
 Both Functions compute in the dtype of their inputs. Under `torch.autocast` the public
 functions first cast every floating input to the autocast dtype, so the forward and the
 backward run in that one dtype. The backwards are not themselves differentiable: asking for a
@@ -20,7 +26,12 @@ second derivative raises an error.
 """
 
 import contextlib
+import functools
+import hashlib
+import logging
 import math
+import os
+import subprocess
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +46,8 @@ __all__ = [
     "lstm_step",
     "split_gates",
 ]
+
+logger = logging.getLogger(__name__)
 
 GATE_ORDER = ("i", "f", "o", "g")
 """The order of the four H-wide gate blocks along the last dimension of a, Wx, Wh and b."""
@@ -68,6 +81,224 @@ def _activate_gates_(a: Tensor) -> Tensor:
     a[..., :split].sigmoid_()
     a[..., split:].tanh_()
     return a
+
+
+# The fused kernel: one pass over the rows of a step's (N, 4H) gate block per step, forward and
+# backward, in place of the separate PyTorch operations of LSTMSequenceFunction, whose comments
+# carry the derivation. Rows may be strided (a step's slice of the (N, T, .) buffers); columns
+# must be contiguous. Written with ATen's vector types, so that one source serves float32 and
+# float64, with AVX2 where the CPU has it. Its sigmoid and tanh round differently from
+# torch.sigmoid and torch.tanh by an ulp or two, well inside the tests' tolerances.
+_FUSED_SOURCE = r"""
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+namespace {
+
+using at::vec::Vectorized;
+
+// sigmoid(a) = 1 / (1 + exp(-a)) with ATen's fast exp: a polynomial within 2 ulp for float,
+// Sleef's exp for double. The polynomial turns NaN into a number, so NaN is passed through:
+// a NaN must reach the loss.
+template <typename scalar_t>
+Vectorized<scalar_t> sigmoid(Vectorized<scalar_t> a) {
+  const auto s = (Vectorized<scalar_t>(1) + a.neg().exp_u20()).reciprocal();
+  return Vectorized<scalar_t>::blendv(s, a, a.isnan());
+}
+
+// tanh(a) = 2 sigmoid(2a) - 1: one exp instead of Sleef's tanh, which made the forward step
+// twice as slow. Exact to a few ulp of 1: about 1e-7 in float32 and 1e-16 in float64.
+template <typename scalar_t>
+Vectorized<scalar_t> tanh(Vectorized<scalar_t> a) {
+  const Vectorized<scalar_t> one(1), two(2);
+  return two * sigmoid(two * a) - one;
+}
+
+// Calls f(j, count) for the columns [j, j + count) of an H-wide gate block, in vector-wide
+// chunks and one shorter tail.
+template <typename scalar_t, typename F>
+void for_each_chunk(int64_t H, const F& f) {
+  constexpr int64_t width = Vectorized<scalar_t>::size();
+  int64_t j = 0;
+  for (; j + width <= H; j += width) f(j, width);
+  if (j < H) f(j, H - j);
+}
+
+void check_rows(const at::Tensor& t, const at::Tensor& gates, int64_t cols, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == gates.size(0) && t.size(1) == cols &&
+                  t.stride(1) == 1 && t.scalar_type() == gates.scalar_type() && t.is_cpu(),
+              name, ": expected a CPU tensor (N, ", cols, ") with contiguous rows like gates");
+}
+
+// Rows per thread at least, so that a thread gets some 32768 elements, the grain of ATen's own
+// element-wise kernels: small batches stay on one thread.
+int64_t row_grain(int64_t H) {
+  return std::max<int64_t>(1, 32768 / (4 * H));
+}
+
+// The loop of LSTMSequenceFunction.forward for one step t, row by row, with the equations of
+// the module docstring: activate a_t in place, then next_c = f * prev_c + i * g, tanh(next_c)
+// and next_h = o * tanh(next_c).
+void forward_step(const at::Tensor& gates, const at::Tensor& prev_c, const at::Tensor& next_c,
+                  const at::Tensor& tanh_next_c, const at::Tensor& next_h) {
+  const int64_t N = gates.size(0), H = gates.size(1) / 4;
+  check_rows(gates, gates, 4 * H, "gates");
+  check_rows(prev_c, gates, H, "prev_c");
+  check_rows(next_c, gates, H, "next_c");
+  check_rows(tanh_next_c, gates, H, "tanh_next_c");
+  check_rows(next_h, gates, H, "next_h");
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward_step", [&] {
+    using Vec = Vectorized<scalar_t>;
+    at::parallel_for(0, N, row_grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        scalar_t* a = gates.data_ptr<scalar_t>() + n * gates.stride(0);
+        const scalar_t* c_in = prev_c.data_ptr<scalar_t>() + n * prev_c.stride(0);
+        scalar_t* c_out = next_c.data_ptr<scalar_t>() + n * next_c.stride(0);
+        scalar_t* tanh_c = tanh_next_c.data_ptr<scalar_t>() + n * tanh_next_c.stride(0);
+        scalar_t* h_out = next_h.data_ptr<scalar_t>() + n * next_h.stride(0);
+        for_each_chunk<scalar_t>(H, [&](int64_t j, int64_t count) {
+          // Gate blocks i, f, o, g at [0, H), [H, 2H), [2H, 3H), [3H, 4H) (GATE_ORDER).
+          Vec i = sigmoid(Vec::loadu(a + j, count));
+          Vec f = sigmoid(Vec::loadu(a + H + j, count));
+          Vec o = sigmoid(Vec::loadu(a + 2 * H + j, count));
+          Vec g = tanh(Vec::loadu(a + 3 * H + j, count));
+          Vec c = f * Vec::loadu(c_in + j, count) + i * g;
+          Vec tanh_cv = tanh(c);
+          i.store(a + j, count);
+          f.store(a + H + j, count);
+          o.store(a + 2 * H + j, count);
+          g.store(a + 3 * H + j, count);
+          c.store(c_out + j, count);
+          tanh_cv.store(tanh_c + j, count);
+          // The same single product as the PyTorch path, so the backward's recomputed
+          // prev_h = o * tanh(c) matches next_h bit for bit.
+          (o * tanh_cv).store(h_out + j, count);
+        });
+      }
+    });
+  });
+}
+
+// The loop of LSTMSequenceFunction.backward for one step t, row by row, from the activated
+// gates, c_{t-1}, tanh(c_t) and dh: dc += dh * o (1 - tanh(c_t)^2), the path through
+// h_t = o * tanh(c_t); then da = (dc * local_i, dc * local_f, dh * local_o, dc * local_g) with
+// the local factors derived in the backward's comments; then dc <- dc * f, the gradient
+// reaching c_{t-1}.
+void backward_step(const at::Tensor& gates, const at::Tensor& prev_c,
+                   const at::Tensor& tanh_next_c, const at::Tensor& grad_h,
+                   const at::Tensor& grad_c, const at::Tensor& grad_gates) {
+  const int64_t N = gates.size(0), H = gates.size(1) / 4;
+  check_rows(gates, gates, 4 * H, "gates");
+  check_rows(prev_c, gates, H, "prev_c");
+  check_rows(tanh_next_c, gates, H, "tanh_next_c");
+  check_rows(grad_h, gates, H, "grad_h");
+  check_rows(grad_c, gates, H, "grad_c");
+  check_rows(grad_gates, gates, 4 * H, "grad_gates");
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward_step", [&] {
+    using Vec = Vectorized<scalar_t>;
+    const Vec one(1);
+    at::parallel_for(0, N, row_grain(H), [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* a = gates.data_ptr<scalar_t>() + n * gates.stride(0);
+        const scalar_t* c_in = prev_c.data_ptr<scalar_t>() + n * prev_c.stride(0);
+        const scalar_t* tanh_c = tanh_next_c.data_ptr<scalar_t>() + n * tanh_next_c.stride(0);
+        const scalar_t* dh_row = grad_h.data_ptr<scalar_t>() + n * grad_h.stride(0);
+        scalar_t* dc_row = grad_c.data_ptr<scalar_t>() + n * grad_c.stride(0);
+        scalar_t* da = grad_gates.data_ptr<scalar_t>() + n * grad_gates.stride(0);
+        for_each_chunk<scalar_t>(H, [&](int64_t j, int64_t count) {
+          Vec i = Vec::loadu(a + j, count);
+          Vec f = Vec::loadu(a + H + j, count);
+          Vec o = Vec::loadu(a + 2 * H + j, count);
+          Vec g = Vec::loadu(a + 3 * H + j, count);
+          Vec tanh_cv = Vec::loadu(tanh_c + j, count);
+          Vec dh = Vec::loadu(dh_row + j, count);
+          // dc += dh * cell_from_h, cell_from_h = o (1 - tanh(c_t)^2)
+          Vec dc = Vec::loadu(dc_row + j, count) + dh * o * (one - tanh_cv * tanh_cv);
+          // local_i = g i (1 - i)
+          (dc * g * i * (one - i)).store(da + j, count);
+          // local_f = c_{t-1} f (1 - f)
+          (dc * Vec::loadu(c_in + j, count) * f * (one - f)).store(da + H + j, count);
+          // local_o = tanh(c_t) o (1 - o), times dh: o reaches the loss only through h_t
+          (dh * tanh_cv * o * (one - o)).store(da + 2 * H + j, count);
+          // local_g = i (1 - g^2)
+          (dc * i * (one - g * g)).store(da + 3 * H + j, count);
+          // dc_{t-1} = dc * f
+          (dc * f).store(dc_row + j, count);
+        });
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("forward_step(Tensor(a!) gates, Tensor prev_c, Tensor(b!) next_c, "
+        "Tensor(c!) tanh_next_c, Tensor(d!) next_h) -> ()", &forward_step);
+  m.def("backward_step(Tensor gates, Tensor prev_c, Tensor tanh_next_c, Tensor grad_h, "
+        "Tensor(a!) grad_c, Tensor(b!) grad_gates) -> ()", &backward_step);
+}
+"""
+
+_FUSED_ENV = "LSTMCAP_FUSED"
+# Limitation: the fused kernel is CPU-only and float32/float64-only; bfloat16 and CUDA run the
+# gate arithmetic as separate PyTorch operations.
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
+
+def _fused_cflags() -> list[str]:
+    """Compiler flags: optimised, OpenMP for at::parallel_for (torch's own OpenMP runtime runs
+    it), and AVX2 vectors when the CPU has them (ATen's vector types then use AVX2 and Sleef's
+    exp from libtorch)."""
+    flags = ["-O3", "-fopenmp"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return [*flags, "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return [*flags, "-DCPU_CAPABILITY=DEFAULT"]
+
+
+@functools.cache
+def _fused_ops() -> object | None:
+    """Build (on first use; torch caches the build) and load the fused kernel.
+
+    Returns:
+        The namespace of the kernel's ops under torch.ops, or None when it cannot be built.
+    """
+    flags = _fused_cflags()
+    key = "\n".join([torch.__version__, _FUSED_SOURCE, *flags])
+    # The source's hash in the name: an edited source builds anew instead of loading a stale one.
+    name = f"torch_lstmcap_gates_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    logger.info("loading the fused LSTM kernel %s (built on first use)", name)
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        # The kernel includes only the ATen headers it needs: torch/extension.h alone would
+        # take most of a minute to compile.
+        load_inline(
+            name,
+            _FUSED_SOURCE,
+            extra_cflags=flags,
+            is_python_module=False,
+            no_implicit_headers=True,
+        )
+    except (ImportError, OSError, RuntimeError, subprocess.SubprocessError) as error:
+        logger.warning(
+            "the fused LSTM kernel is unavailable, using PyTorch operations instead: %s", error
+        )
+        return None
+    return getattr(torch.ops, name)
+
+
+def _fused_ops_for(x: Tensor) -> object | None:
+    """The fused kernel's ops when they apply to x (CPU, float32 or float64, not disabled by
+    LSTMCAP_FUSED=0, and built), else None."""
+    if x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES:
+        return None
+    if os.environ.get(_FUSED_ENV, "1") == "0":
+        return None
+    return _fused_ops()
 
 
 def _shape_text(dims: str, sizes: tuple[int, ...]) -> str:
@@ -258,24 +489,27 @@ class LSTMSequenceFunction(torch.autograd.Function):
             tanh_cells = x.new_empty(N, T, H)
             h = x.new_empty(N, T, H)
 
-            # Limitation: between the matrix products the gate arithmetic runs as separate
-            # PyTorch operations, each a pass over memory (and, with several threads, a
-            # parallel region). On 2 CPU cores forward+backward takes about 1.15-1.25x the
-            # time of the matrix products alone and 1.05-1.2x that of torch.nn.LSTM, whose
-            # oneDNN kernel fuses this arithmetic; a fused kernel here would close the gap.
+            # The gate arithmetic of a step is one pass of the fused kernel where it applies;
+            # otherwise (the reference) it is separate PyTorch operations, each a pass over
+            # memory and, with several threads, a parallel region of its own.
+            fused = _fused_ops_for(x)
             prev_h = h0
             for t in range(T):
                 a = gates[:, t]
                 a.addmm_(prev_h, Wh)
-                _activate_gates_(a)
-                i, f, o, g = split_gates(a)
                 next_c = cells[:, t + 1] if t + 1 < T else c_n
-                torch.mul(f, cells[:, t], out=next_c)
-                next_c.addcmul_(i, g)
-                torch.tanh(next_c, out=tanh_cells[:, t])
-                torch.mul(o, tanh_cells[:, t], out=h[:, t])
+                if fused is not None:
+                    fused.forward_step(a, cells[:, t], next_c, tanh_cells[:, t], h[:, t])
+                else:
+                    _activate_gates_(a)
+                    i, f, o, g = split_gates(a)
+                    torch.mul(f, cells[:, t], out=next_c)
+                    next_c.addcmul_(i, g)
+                    torch.tanh(next_c, out=tanh_cells[:, t])
+                    torch.mul(o, tanh_cells[:, t], out=h[:, t])
                 prev_h = h[:, t]
 
+        ctx.fused_ops = fused
         ctx.save_for_backward(x, h0, Wx, Wh, gates, cells, tanh_cells)
         return h, h[:, -1].clone(), c_n
 
@@ -309,23 +543,28 @@ class LSTMSequenceFunction(torch.autograd.Function):
             # and dc += dh * cell_from_h with cell_from_h = o (1 - tanh(c_t)^2). None of these
             # factors depends on dh or dc: they are computed here for all steps at once, in a
             # few large operations, and the loop over time multiplies local by dc and dh in
-            # place, turning it into da without a buffer of its own.
-            local = torch.empty_like(gates)
-            local_i, local_f, local_o, local_g = split_gates(local)
-            torch.addcmul(
-                sigmoid_gates, sigmoid_gates, sigmoid_gates, value=-1, out=local[..., :split]
-            )
-            local_i.mul_(g)
-            local_f.mul_(cells)
-            local_o.mul_(tanh_cells)
-            torch.mul(i, g, out=local_g)
-            torch.addcmul(i, local_g, g, value=-1, out=local_g)
-            cell_from_h = torch.mul(o, tanh_cells)
-            torch.addcmul(o, cell_from_h, tanh_cells, value=-1, out=cell_from_h)
+            # place, turning it into da without a buffer of its own. The fused kernel computes
+            # the same factors as it goes, in one pass per step, into a buffer for da.
+            fused = ctx.fused_ops
+            if fused is None:
+                local = torch.empty_like(gates)
+                local_i, local_f, local_o, local_g = split_gates(local)
+                torch.addcmul(
+                    sigmoid_gates, sigmoid_gates, sigmoid_gates, value=-1, out=local[..., :split]
+                )
+                local_i.mul_(g)
+                local_f.mul_(cells)
+                local_o.mul_(tanh_cells)
+                torch.mul(i, g, out=local_g)
+                torch.addcmul(i, local_g, g, value=-1, out=local_g)
+                cell_from_h = torch.mul(o, tanh_cells)
+                torch.addcmul(o, cell_from_h, tanh_cells, value=-1, out=cell_from_h)
+                da = local
+                # i and f are adjacent in GATE_ORDER, so one broadcast product covers both.
+                local_if = local[..., _INPUT_GATE * H : (_FORGET_GATE + 1) * H]
+            else:
+                da = torch.empty_like(gates)
 
-            da = local
-            # i and f are adjacent in GATE_ORDER, so one broadcast product covers both.
-            local_if = local[..., _INPUT_GATE * H : (_FORGET_GATE + 1) * H]
             dc = grad_c_n.clone(memory_format=torch.contiguous_format)
             dh = torch.empty_like(dc)
             Wh_t = Wh.t()
@@ -334,11 +573,16 @@ class LSTMSequenceFunction(torch.autograd.Function):
                     torch.add(grad_h[:, t], grad_h_n, out=dh)
                 else:
                     torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
-                dc.addcmul_(dh, cell_from_h[:, t])
-                local_if[:, t].view(N, 2, H).mul_(dc.unsqueeze(1))
-                local_g[:, t].mul_(dc)
-                local_o[:, t].mul_(dh)
-                dc.mul_(f[:, t])
+                if fused is not None:
+                    fused.backward_step(
+                        gates[:, t], cells[:, t], tanh_cells[:, t], dh, dc, da[:, t]
+                    )
+                else:
+                    dc.addcmul_(dh, cell_from_h[:, t])
+                    local_if[:, t].view(N, 2, H).mul_(dc.unsqueeze(1))
+                    local_g[:, t].mul_(dc)
+                    local_o[:, t].mul_(dh)
+                    dc.mul_(f[:, t])
 
             # a = x Wx + prev_h Wh + b over all steps: one matrix product or sum per gradient.
             da_flat = da.view(N * T, 4 * H)
@@ -352,8 +596,9 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 grad_Wx = x.reshape(N * T, D).t() @ da_flat
             if need_Wh:
                 # prev_h: h0, then h_t = o * tanh(c_t) of every step but the last, recomputed
-                # with the forward's operation, so bit for bit, into the spent cell_from_h.
-                prev_h = cell_from_h
+                # with the forward's single product, so bit for bit (on the reference path into
+                # the spent cell_from_h).
+                prev_h = torch.empty_like(tanh_cells) if fused is not None else cell_from_h
                 prev_h[:, 0] = h0
                 torch.mul(o[:, :-1], tanh_cells[:, :-1], out=prev_h[:, 1:])
                 grad_Wh = prev_h.view(N * T, H).t() @ da_flat
