@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import caption
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import EncoderInfo, save_checkpoint
 from torch_lstmcap.datasets import read_flickr8k
@@ -246,6 +247,74 @@ def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
     no_model_line = results["no bundled model"].stderr
     assert str(no_model_dir) in no_model_line
     assert "python train.py" in no_model_line and "--checkpoint" in no_model_line
+
+
+def test_odd_file_names_keep_one_line_per_image(checkpoint, photos, tmp_path, capsys):
+    """A newline, a tab or a byte that is not UTF-8 in a file name cannot split its line."""
+    names = ["new\nline.jpg", "tab\there.jpg", os.fsdecode(b"latin-1 \xe9t\xe9.jpg")]
+    paths = [tmp_path / name for name in names]
+    for path in paths:
+        shutil.copyfile(photos[0], path)
+
+    assert caption.main([*map(str, paths), "--checkpoint", str(checkpoint)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [
+        f"{tmp_path}/new\\nline.jpg",
+        f"{tmp_path}/tab\\there.jpg",
+        f"{tmp_path}/latin-1 \\xe9t\\xe9.jpg",
+    ]
+    assert all(len(line.split("\t")) == 2 for line in lines)
+
+    assert caption.main([*map(str, paths), "--checkpoint", str(checkpoint), "--json"]) == 0
+    output = capsys.readouterr().out
+    output.encode("utf-8")  # strict: no lone surrogates reach the terminal
+    records = [json.loads(line) for line in output.splitlines()]
+    assert [os.fsencode(record["image"]) for record in records] == list(map(os.fsencode, paths))
+
+
+def test_a_folder_that_cannot_be_listed_fails_alone(checkpoint, photos, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "iterdir", iterdir)
+        status = caption.main([str(locked), str(photos[0]), "--checkpoint", str(checkpoint)])
+
+    output = capsys.readouterr()
+    assert status == 1
+    assert error_lines(output.err) == [
+        f"caption.py: {locked}: cannot list folder (Permission denied)"
+    ]
+    assert len(output.out.splitlines()) == 1
+
+
+def test_closed_or_full_stdout_is_one_error_line(checkpoint, photos, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdout", None)
+    assert caption.main([str(photos[0]), "--checkpoint", str(checkpoint)]) == 2
+    assert capsys.readouterr().err == "caption.py: error: standard output is closed\n"
+    monkeypatch.undo()
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full to simulate a full disk")
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "caption.py", photos[0], "--checkpoint", checkpoint],
+            cwd=ROOT,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    assert error_lines(result.stderr) == [
+        "caption.py: error: cannot write the results (No space left on device)"
+    ]
+    assert result.returncode == 1
 
 
 @pytest.mark.skipif(

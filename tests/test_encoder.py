@@ -642,6 +642,22 @@ def test_directory(tmp_path):
     assert_one_line_naming(error, path)
 
 
+def test_file_in_a_folder_that_may_not_be_searched(tmp_path, monkeypatch):
+    """Without search permission on its folder, even stat() of a photograph fails."""
+    path = tmp_path / "locked" / "photo.jpg"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(ImageLoadError, match="cannot open .*Permission denied") as error:
+        load_image(path)
+    assert_one_line_naming(error, path)
+
+
 # iter_image_batches
 
 

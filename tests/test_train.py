@@ -305,6 +305,113 @@ def test_resume_without_a_checkpoint_fails_before_computing_features(tmp_path, m
     )
 
 
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+        (["--beam-size", "0"], "--beam-size must be at least 1, got 0"),
+        (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--device", "tpu"], "--device 'tpu' is not a device"),
+    ],
+)
+def test_out_of_range_options_are_one_line_usage_errors(tmp_path, capsys, option, message):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*flickr8k_args(tmp_path / "run", tmp_path), *option])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert f": error: {message}" in line
+
+
+def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flickr8k_args(tmp_path / "run", tmp_path))
+    assert exit_info.value.code == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "run").read_text() == "notes"
+
+
+def test_new_run_refuses_to_overwrite_a_run_before_computing_features(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_encoder", lambda name: pytest.fail("encoder was built"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.safetensors").write_bytes(b"an earlier run's model")
+
+    status, _, stderr = run_main(flickr8k_args(run, tmp_path))
+
+    assert status == 1
+    assert stderr.splitlines() == [
+        f"error: {run} already holds a run (best.safetensors); continue it with --resume, "
+        "or choose another --out"
+    ]
+    assert (run / "best.safetensors").read_bytes() == b"an earlier run's model"
+
+
+def test_init_from_a_non_checkpoint_fails_before_computing_features(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_encoder", lambda name: pytest.fail("encoder was built"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model\n" * 10)
+    status, _, stderr = run_main(
+        [*flickr8k_args(tmp_path / "run", tmp_path), "--init-from", str(notes)]
+    )
+    assert status == 1
+    [line] = stderr.splitlines()
+    assert line.startswith(f"error: {notes}: not a readable safetensors file")
+
+
+def test_interrupt_before_the_first_checkpoint_says_to_rerun(tmp_path, monkeypatch):
+    def interrupted(name):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "build_encoder", interrupted)
+    status, _, stderr = run_main(flickr8k_args(tmp_path / "run", tmp_path))
+    assert status == 130
+    assert stderr == "interrupted; rerun the same command to continue\n"
+
+
+def test_split_whose_photographs_are_all_unreadable_is_one_error(tmp_path):
+    photos = write_csv_dataset(tmp_path / "photos", count=0, broken="broken.jpg")
+    status, stdout, stderr = run_main(
+        [
+            "--data-format", "csv", "--data-root", str(photos), "--out", str(tmp_path / "run"),
+            "--cache-dir", str(tmp_path / "cache"), *QUICK,
+        ]
+    )  # fmt: skip
+    assert status == 1 and stdout == ""
+    [line] = stderr.splitlines()
+    assert line.startswith("error: train: none of the 1 photographs could be read")
+    assert "broken.jpg" in line
+
+
+@pytest.mark.slow
+def test_batch_size_over_the_split_is_one_error_not_an_empty_epoch(trained, tmp_path, cache):
+    run = tmp_path / "run"
+    argv = [*flickr8k_args(run, cache), "--batch-size", str(TRAIN_IMAGES * 5 + 1)]
+    status, stdout, stderr = run_main(argv)
+    assert status == 1 and stdout == ""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: --batch-size {TRAIN_IMAGES * 5 + 1} leaves no full batch: the training split "
+        f"has {TRAIN_IMAGES * 5} captions"
+    ]
+    assert not (run / "best.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_eval_only_checks_metrics_out_before_decoding(trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: pytest.fail("split was decoded"))
+    status, _, stderr = run_main(
+        [
+            "--eval-only", "--checkpoint", str(trained.best), "--data-format", "flickr8k",
+            "--data-root", str(FLICKR8K), "--metrics-out", str(tmp_path), "--quiet",
+        ]
+    )  # fmt: skip
+    assert status == 1
+    assert stderr.splitlines() == [f"error: --metrics-out {tmp_path} is a folder, not a file"]
+
+
 @pytest.mark.slow
 @needs_coco_mini
 def test_init_from_extend_vocab_keeps_old_rows_and_adds_new_words(trained):
