@@ -219,13 +219,21 @@ def preprocess(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor
     Returns:
         (3, S, S) float32 tensor.
     """
+    return normalize(resize_pixels(image, preprocessing), preprocessing)
+
+
+def resize_pixels(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
+    """The first half of :func:`preprocess`: RGB image -> (3, S, S) uint8 tensor."""
     size = preprocessing.image_size
     resized = image.resize((size, size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.array(resized, dtype=np.uint8))  # (S, S, 3)
-    tensor = pixels.permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """The second half of :func:`preprocess`: (..., 3, S, S) uint8 -> float32, normalised."""
     mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
     std = torch.tensor(preprocessing.std).view(3, 1, 1)
-    return tensor.sub_(mean).div_(std)
+    return pixels.float().div_(255.0).sub_(mean).div_(std)
 
 
 def torchvision_transform(preprocessing: Preprocessing):
@@ -452,7 +460,10 @@ def iter_image_batches(
 
     def load(index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, preprocess(load_image(paths[index]), preprocessing), None
+            # Only decoding and resizing here: torch arithmetic in these threads would start
+            # thread pools of its own that fight the encoder for the cores; the batch is
+            # normalised once, in the calling thread.
+            return index, resize_pixels(load_image(paths[index]), preprocessing), None
         except ImageLoadError as error:
             return index, None, str(error)
 
@@ -479,5 +490,6 @@ def _collect(results, preprocessing: Preprocessing) -> ImageBatch:
         else:
             errors[index] = error
     size = preprocessing.image_size
-    pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size)
-    return ImageBatch(indices, pixels, errors)
+    if not tensors:
+        return ImageBatch(indices, torch.empty(0, 3, size, size), errors)
+    return ImageBatch(indices, normalize(torch.stack(tensors), preprocessing), errors)
