@@ -27,6 +27,7 @@ from torch_lstmcap.checkpoint import load_checkpoint
 from torch_lstmcap.datasets import ImageCaptions, load_dataset
 from torch_lstmcap.encoder import build_encoder
 from torch_lstmcap.features import build_feature_cache
+from torch_lstmcap.inference import ImageCaptioner
 from torch_lstmcap.metrics import METRIC_NAMES
 from torch_lstmcap.report import read_metrics, truncate_metrics
 from torch_lstmcap.training import CaptionPairs, caption_features, collate_captions
@@ -529,3 +530,36 @@ def test_truncate_metrics_drops_later_epochs_and_a_broken_line(tmp_path):
     truncate_metrics(path, last_epoch=2)
 
     assert read_metrics(path) == [json.loads(line) for line in lines[:2]]
+
+
+@pytest.mark.slow
+@needs_coco_mini
+def test_fine_tuning_the_encoder_saves_it_and_caption_uses_it(tmp_path, cache):
+    run = tmp_path / "run"
+    status, stdout, stderr = run_main(
+        [
+            "--data-format", "coco", "--data-root", str(COCO_MINI), "--out", str(run),
+            "--cache-dir", str(cache), "--max-images", "8", "--max-val-images", "4",
+            "--fine-tune-encoder", "--encoder-lr", "1e-3", "--hidden-size", "16",
+            "--min-count", "1", "--epochs", "1", "--batch-size", "8", "--num-workers", "0",
+            *QUICK,
+        ]
+    )  # fmt: skip
+    assert status == 0, stderr
+
+    checkpoint = load_checkpoint(run / "best.safetensors")
+    pretrained = build_encoder().state_dict()
+    assert checkpoint.encoder_state is not None
+    assert checkpoint.encoder_state.keys() == pretrained.keys()
+    changed = [
+        name
+        for name, tensor in checkpoint.encoder_state.items()
+        if tensor.is_floating_point() and not torch.equal(tensor, pretrained[name])
+    ]
+    assert changed, "the encoder was not tuned"
+    # Batch-norm running statistics stay those of ImageNet.
+    assert not any(name.endswith("running_mean") for name in changed)
+
+    captioner = ImageCaptioner.from_checkpoint(run / "best.safetensors")
+    loaded = captioner.encoder.state_dict()
+    assert all(torch.equal(loaded[name], checkpoint.encoder_state[name]) for name in changed)
