@@ -563,3 +563,45 @@ def test_fine_tuning_the_encoder_saves_it_and_caption_uses_it(tmp_path, cache):
     captioner = ImageCaptioner.from_checkpoint(run / "best.safetensors")
     loaded = captioner.encoder.state_dict()
     assert all(torch.equal(loaded[name], checkpoint.encoder_state[name]) for name in changed)
+
+
+def test_bfloat16_autocast_epoch_matches_float32_within_tolerance():
+    # train.py turns on bfloat16 autocast on CUDA; the same code path runs on the CPU here.
+    from torch_lstmcap.captioner import Captioner, CaptionerConfig
+    from torch_lstmcap.training import LengthBucketSampler, train_one_epoch, warmup_cosine
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(64, 24, generator=generator)
+    lengths = torch.randint(3, 9, (64,), generator=generator)
+    captions = torch.zeros(64, 10, dtype=torch.long)
+    for row, length in enumerate(lengths.tolist()):
+        captions[row, 0] = 1
+        captions[row, 1 : length - 1] = torch.randint(4, 40, (length - 2,), generator=generator)
+        captions[row, length - 1] = 2
+    pairs = [(features[row], captions[row].tolist()) for row in range(64)]
+
+    def run(autocast_dtype):
+        torch.manual_seed(0)
+        model = Captioner(CaptionerConfig(vocab_size=40, feature_dim=24, hidden_size=32))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(40, 1))
+        sampler = LengthBucketSampler([len(ids) for _, ids in pairs], 16)
+        loader = torch.utils.data.DataLoader(
+            pairs, batch_sampler=sampler, collate_fn=lambda b: collate_captions(b, 0)
+        )
+        losses = []
+        for epoch in range(1, 6):
+            sampler.set_epoch(epoch)
+            result = train_one_epoch(
+                model, loader, optimizer, scheduler, device=torch.device("cpu"),
+                autocast_dtype=autocast_dtype, epoch=epoch, progress=False,
+            )  # fmt: skip
+            losses.append(result.loss)
+        return losses, model
+
+    full, full_model = run(None)
+    mixed, mixed_model = run(torch.bfloat16)
+    assert all(parameter.dtype == torch.float32 for parameter in mixed_model.parameters())
+    assert mixed[-1] < mixed[0], mixed
+    assert mixed != full, "autocast changed nothing: was bfloat16 used at all?"
+    assert np.allclose(mixed, full, rtol=0.02, atol=0.02), (mixed, full)
