@@ -370,3 +370,26 @@ def test_special_id_outside_the_vocabulary_is_refused():
     model = TableModel(transition_table({}))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         greedy_decode(model, table_features(0), **{**SPECIAL_IDS, "end_id": VOCAB_SIZE})
+
+
+def test_finished_hypotheses_are_not_run_through_the_model_again():
+    model = RandomDecoder(seed=2)
+    features = random_features(6, seed=2)
+    rows_stepped = []
+    step = model.step
+
+    def counting_step(words, state):
+        rows_stepped.append(words.shape[0])
+        return step(words, state)
+
+    model.step = counting_step
+    results = beam_search(model, features, **SPECIAL_IDS, beam_size=3, max_length=12)
+
+    assert rows_stepped[0] == 6 * 3
+    # Once hypotheses finish, fewer rows go through the model...
+    assert min(rows_stepped) < 6 * 3
+    # ...and the answers are still those of fresh, unshared decoding (checked by rescoring).
+    for image, captions in enumerate(results):
+        assert rescore(RandomDecoder(seed=2), features[image], captions[0]) == pytest.approx(
+            captions[0].log_prob, abs=1e-9
+        )

@@ -160,6 +160,26 @@ def _select_rows(state: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[t
     return tuple(tensor.index_select(0, rows) for tensor in state)
 
 
+def _step_open_rows(
+    model, words: torch.Tensor, state: tuple[torch.Tensor, ...], finished: torch.Tensor
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``model.step`` on the rows that are not finished; the rest get -inf log-probabilities.
+
+    A finished hypothesis only ever carries itself forward, so its state is never read again
+    and the model need not run on it: late in a search most rows are finished.
+    """
+    if not bool(finished.any()):
+        return model.step(words, state)
+    rows = (~finished).nonzero().view(-1)
+    open_log_probs, open_state = model.step(words[rows], _select_rows(state, rows))
+    log_probs = open_log_probs.new_full((words.shape[0], open_log_probs.shape[1]), float("-inf"))
+    log_probs[rows] = open_log_probs
+    state = tuple(
+        whole.index_copy(0, rows, part) for whole, part in zip(state, open_state, strict=True)
+    )
+    return log_probs, state
+
+
 def _best_first(captions: list[Caption]) -> list[Caption]:
     return sorted(captions, key=lambda caption: caption.score, reverse=True)
 
@@ -242,10 +262,8 @@ def beam_search(
     tokens = torch.zeros(num_rows, 0, dtype=torch.long, device=device)  # (B * K, t)
     completed: list[list[Caption]] = [[] for _ in range(batch_size)]
 
-    # Limitation: an image whose beam has finished keeps its rows in the batch, and so costs
-    # model steps, until every image in the batch has finished.
     for step in range(max_length):
-        log_probs, state = model.step(words, state)
+        log_probs, state = _step_open_rows(model, words, state, finished)
         log_probs = _masked_log_probs(log_probs, forbidden, end_id, first_step=step == 0)
         vocab_size = log_probs.shape[1]
         if block_repeat_ngram:
