@@ -37,12 +37,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
-    parser.add_argument("--checkpoint", type=Path, help="model file (default: the bundled one)")
-    parser.add_argument("--beam-size", type=int, default=3)
+    parser.add_argument(
+        "--checkpoint", type=Path, help="model file; without it, the bundled Flickr8k model"
+    )
+    parser.add_argument("--beam-size", type=int, default=3, help="hypotheses kept per image")
     parser.add_argument("--top-k", type=int, default=1, help="captions per image")
     parser.add_argument("--max-length", type=int, default=20, help="words per caption at most")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
+    parser.add_argument("--batch-size", type=int, default=16, help="images encoded together")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 

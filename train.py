@@ -96,7 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--max-val-images",
         type=int,
-        help="validate on only the first N val images (quicker epochs, noisier scores)",
+        help="validate (or, with --eval-only, score) only the first N images of the split "
+        "(quicker, noisier scores)",
     )
     data.add_argument(
         "--cache-dir",
@@ -105,9 +106,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("model")
-    model.add_argument("--encoder", default="efficientnet-lite0", choices=ENCODERS)
-    model.add_argument("--hidden-size", type=int, default=512)
-    model.add_argument("--dropout", type=float, default=0.5)
+    model.add_argument(
+        "--encoder",
+        default="efficientnet-lite0",
+        choices=ENCODERS,
+        help="image encoder (frozen unless --fine-tune-encoder)",
+    )
+    model.add_argument(
+        "--hidden-size", type=int, default=512, help="LSTM hidden and word-embedding size"
+    )
+    model.add_argument(
+        "--dropout",
+        type=float,
+        default=0.5,
+        help="dropout on image features, words and LSTM outputs",
+    )
     model.add_argument("--min-count", type=int, default=5, help="rarer words become <unk>")
     model.add_argument("--max-length", type=int, default=20, help="words per caption at most")
     model.add_argument("--init-from", type=Path, help="start from this checkpoint's weights")
@@ -117,24 +130,53 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--out", type=Path, help="run directory (checkpoints, logs, plots)")
-    optim.add_argument("--epochs", type=int, default=20)
-    optim.add_argument("--batch-size", type=int, default=128)
-    optim.add_argument("--lr", type=float, default=2e-3)
-    optim.add_argument("--weight-decay", type=float, default=1e-2)
-    optim.add_argument("--warmup-steps", type=int, default=300)
-    optim.add_argument("--label-smoothing", type=float, default=0.1)
-    optim.add_argument("--clip-norm", type=float, default=2.0)
+    optim.add_argument(
+        "--epochs", type=int, default=20, help="epochs at most (early stopping may end sooner)"
+    )
+    optim.add_argument("--batch-size", type=int, default=128, help="captions per step")
+    optim.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the decoder")
+    optim.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay")
+    optim.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=300,
+        help="steps of linear learning-rate warm-up before the cosine decay",
+    )
+    optim.add_argument(
+        "--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy"
+    )
+    optim.add_argument("--clip-norm", type=float, default=2.0, help="gradient-norm clipping")
     optim.add_argument("--patience", type=int, default=4, help="epochs without a better CIDEr")
-    optim.add_argument("--fine-tune-encoder", action="store_true")
-    optim.add_argument("--encoder-lr", type=float, default=1e-5)
+    optim.add_argument(
+        "--fine-tune-encoder",
+        action="store_true",
+        help="train the CNN too (images go through it every step)",
+    )
+    optim.add_argument(
+        "--encoder-lr",
+        type=float,
+        default=1e-5,
+        help="learning rate of the encoder with --fine-tune-encoder",
+    )
     optim.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
-    optim.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
-    optim.add_argument("--seed", type=int, default=0)
-    optim.add_argument("--num-workers", type=int, default=2)
-    optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    optim.add_argument(
+        "--save-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage dtype of best.safetensors (float16 halves the file)",
+    )
+    optim.add_argument("--seed", type=int, default=0, help="random seed")
+    optim.add_argument("--num-workers", type=int, default=2, help="image-loading workers")
+    optim.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N",
+    )
 
     decode = parser.add_argument_group("decoding and evaluation")
-    decode.add_argument("--beam-size", type=int, default=3)
+    decode.add_argument(
+        "--beam-size", type=int, default=3, help="beam size for validation and --eval-only"
+    )
     decode.add_argument("--length-penalty", type=float, help="length normalisation exponent")
     decode.add_argument("--eval-only", action="store_true")
     decode.add_argument("--checkpoint", type=Path, help="checkpoint scored by --eval-only")
@@ -499,7 +541,19 @@ def evaluate_checkpoint(args) -> int:
             raise DatasetError(f"--metrics-out {args.metrics_out} is a folder, not a file")
         args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
     encoder = build_encoder(checkpoint.encoder.name)
-    split = load_split(args, args.split, encoder, Distributed(), True)
+    encoder.preprocessing = checkpoint.encoder.preprocessing
+    if checkpoint.encoder_state is None:
+        split = load_split(
+            args, args.split, encoder, Distributed(), True, limit=args.max_val_images
+        )
+    else:
+        # A fine-tuned encoder's features belong to this checkpoint alone: not cached.
+        encoder.load_state_dict(checkpoint.encoder_state)
+        split = load_split(
+            args, args.split, encoder, Distributed(), False, limit=args.max_val_images
+        )
+        features, failed = encode_records(encoder.to(args.device), split.records, args.device)
+        split = Split(split.records, features, failed)
     start = time.perf_counter()
     scores, _ = evaluate(
         checkpoint.model,

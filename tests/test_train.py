@@ -564,6 +564,18 @@ def test_fine_tuning_the_encoder_saves_it_and_caption_uses_it(tmp_path, cache):
     loaded = captioner.encoder.state_dict()
     assert all(torch.equal(loaded[name], checkpoint.encoder_state[name]) for name in changed)
 
+    # --eval-only scores with the tuned encoder too, on the first images only when asked.
+    metrics = tmp_path / "metrics.json"
+    status, stdout, stderr = run_main(
+        [
+            "--eval-only", "--checkpoint", str(run / "best.safetensors"), "--data-format",
+            "coco", "--data-root", str(COCO_MINI), "--split", "val", "--max-val-images", "3",
+            "--metrics-out", str(metrics), "--quiet",
+        ]
+    )  # fmt: skip
+    assert status == 0, stderr
+    assert json.loads(metrics.read_text())["images"] == 3
+
 
 def test_bfloat16_autocast_epoch_matches_float32_within_tolerance():
     # train.py turns on bfloat16 autocast on CUDA; the same code path runs on the CPU here.
