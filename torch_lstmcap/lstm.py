@@ -245,7 +245,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 
 _FUSED_ENV = "LSTMCAP_FUSED"
 # Limitation: the fused kernel is CPU-only and float32/float64-only; bfloat16 and CUDA run the
-# gate arithmetic as separate PyTorch operations.
+# gate arithmetic as separate PyTorch operations. Even fused, forward+backward on 2 CPU cores
+# takes 1.12-1.17x the time of its matrix products alone (torch.nn.LSTM: about 1.07x).
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
