@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import (
+    Checkpoint,
     CheckpointError,
     EncoderInfo,
     load_checkpoint,
@@ -269,9 +270,9 @@ def build_vocab(args, records: list[ImageCaptions], base: Vocabulary | None) -> 
     return vocab
 
 
-def build_model(args, vocab: Vocabulary, encoder) -> tuple[Captioner, dict | None]:
-    """A new captioner, or one initialised from ``--init-from`` (grown to ``vocab``)."""
-    if args.init_from is None:
+def build_model(args, vocab: Vocabulary, encoder, base: Checkpoint | None) -> Captioner:
+    """A new captioner, or the ``--init-from`` checkpoint's model ``base``, grown to ``vocab``."""
+    if base is None:
         config = CaptionerConfig(
             vocab_size=len(vocab),
             feature_dim=encoder.feature_dim,
@@ -279,17 +280,16 @@ def build_model(args, vocab: Vocabulary, encoder) -> tuple[Captioner, dict | Non
             dropout=args.dropout,
             pad_id=vocab.pad_id,
         )
-        return Captioner(config), None
-    checkpoint = load_checkpoint(args.init_from)
-    if checkpoint.encoder.name != encoder.name:
+        return Captioner(config)
+    if base.encoder.name != encoder.name:
         raise CheckpointError(
-            f"{args.init_from} was trained on encoder {checkpoint.encoder.name}, "
-            f"not {encoder.name}; pass --encoder {checkpoint.encoder.name}"
+            f"{args.init_from} was trained on encoder {base.encoder.name}, "
+            f"not {encoder.name}; pass --encoder {base.encoder.name}"
         )
-    model = checkpoint.model
+    model = base.model
     if len(vocab) > model.config.vocab_size:
         model.extend_vocab(len(vocab))
-    return model, None
+    return model
 
 
 def build_optimizer(args, model: Captioner, encoder, steps_per_epoch: int):
@@ -377,7 +377,7 @@ def train(args, runtime: Distributed) -> int:
             encoder.load_state_dict(resumed.encoder_state)
     else:
         vocab = build_vocab(args, train_split.records, base.vocab if base else None)
-        model, _ = build_model(args, vocab, encoder)
+        model = build_model(args, vocab, encoder, base)
         if base is not None and base.encoder_state is not None:
             encoder.load_state_dict(base.encoder_state)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import DATA
 
 import caption
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
@@ -25,7 +26,6 @@ from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path
 from torch_lstmcap.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LSTMCAP_DATA", ROOT.parent / "shared" / "data"))
 FLICKR8K = DATA / "flickr8k"
 FLICKR8K_PHOTOS = FLICKR8K / "Flicker8k_Dataset"
 

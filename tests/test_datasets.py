@@ -1,10 +1,10 @@
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from shared_data import DATA
 
 from torch_lstmcap.datasets import (
     DatasetError,
@@ -16,9 +16,6 @@ from torch_lstmcap.datasets import (
     read_karpathy,
 )
 
-DATA = Path(
-    os.environ.get("LSTMCAP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 FLICKR8K = DATA / "flickr8k"
 FLICKR8K_TEXT = FLICKR8K / "Flickr8k_text"
 FLICKR8K_PHOTOS = FLICKR8K / "Flicker8k_Dataset"

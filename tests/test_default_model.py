@@ -1,15 +1,13 @@
 """The bundled Flickr8k model captions real photographs sensibly."""
 
-import os
 import re
-from pathlib import Path
 
 import pytest
+from shared_data import DATA
 
 from torch_lstmcap import ImageCaptioner, default_checkpoint_path, tokenize
 from torch_lstmcap.datasets import read_flickr8k
 
-DATA = Path(os.environ.get("LSTMCAP_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 FLICKR8K = DATA / "flickr8k"
 
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,3 @@
-import os
 import re
 import socket
 import struct
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, features
+from shared_data import DATA
 
 from torch_lstmcap.encoder import (
     DEFAULT_ENCODER,
@@ -33,9 +33,6 @@ from torch_lstmcap.encoder import (
 # Every warning raised inside a test fails it: loading odd images must not leak any.
 pytestmark = pytest.mark.filterwarnings("error")
 
-DATA = Path(
-    os.environ.get("LSTMCAP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 FLICKR8K = DATA / "flickr8k"
 FLICKR8K_PHOTOS = FLICKR8K / "Flicker8k_Dataset"
 FLICKR8K_TOKENS = FLICKR8K / "Flickr8k_text" / "Flickr8k.token.txt"

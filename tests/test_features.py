@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import DATA
 from torch import nn
 
 import torch_lstmcap.features as features_module
 from torch_lstmcap.encoder import ImageEncoder, Preprocessing, load_image, preprocess
 from torch_lstmcap.features import build_feature_cache, cache_key, default_cache_dir
 
-DATA = Path(
-    os.environ.get("LSTMCAP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 FLICKR8K_PHOTOS = DATA / "flickr8k" / "Flicker8k_Dataset"
 
 pytestmark = pytest.mark.skipif(

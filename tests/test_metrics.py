@@ -2,18 +2,14 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
-from pathlib import Path
 
 import pytest
+from shared_data import DATA
 
 from torch_lstmcap import metrics
 from torch_lstmcap.metrics import METRIC_NAMES, format_metrics_table, score_captions
 
-DATA = Path(
-    os.environ.get("LSTMCAP_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")
-)
 JAVA = shutil.which("java")
 needs_java = pytest.mark.skipif(JAVA is None, reason="no java on PATH: METEOR and PTB untestable")
 

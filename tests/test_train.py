@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from shared_data import DATA
 
 import train
 from torch_lstmcap.checkpoint import load_checkpoint
@@ -34,7 +35,6 @@ from torch_lstmcap.training import CaptionPairs, caption_features, collate_capti
 from torch_lstmcap.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("LSTMCAP_DATA", ROOT.parent / "shared" / "data"))
 FLICKR8K = DATA / "flickr8k"
 COCO_MINI = DATA / "coco-mini"
 
@@ -425,7 +425,8 @@ def test_init_from_extend_vocab_keeps_old_rows_and_adds_new_words(trained):
         argv += ["--init-from", str(trained.best), "--min-count", "2"]
         args = train.get_args_parser().parse_args(argv + ["--extend-vocab"] * extend)
         vocab = train.build_vocab(args, coco, base.vocab)
-        model, _ = train.build_model(args, vocab, encoder)
+        # A fresh copy each time: growing the vocabulary changes the model it is given.
+        model = train.build_model(args, vocab, encoder, load_checkpoint(trained.best))
 
         old_size = len(base.vocab)
         assert vocab.to_json()[:old_size] == base.vocab.to_json()
