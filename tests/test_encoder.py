@@ -600,16 +600,19 @@ def real_jpeg_bytes() -> bytes:
     return DOG_PHOTO.read_bytes()
 
 
-def test_missing_file(tmp_path):
-    path = tmp_path / "nowhere.jpg"
-    with pytest.raises(ImageLoadError) as error:
-        load_image(path)
-    assert_one_line_naming(error, path)
-
-
-def test_empty_file(tmp_path):
-    path = tmp_path / "empty.jpg"
-    path.touch()
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        ("nowhere.jpg", lambda path: None),
+        ("empty.jpg", lambda path: path.touch()),
+        ("notes.jpg", lambda path: path.write_text("a dog runs on the beach\n" * 20)),
+        ("photos.jpg", lambda path: path.mkdir()),
+    ],
+    ids=["missing", "empty", "text-named-jpg", "directory"],
+)
+def test_file_that_is_not_a_photograph(tmp_path, name, make):
+    path = tmp_path / name
+    make(path)
     with pytest.raises(ImageLoadError) as error:
         load_image(path)
     assert_one_line_naming(error, path)
@@ -618,22 +621,6 @@ def test_empty_file(tmp_path):
 def test_truncated_jpeg(tmp_path, real_jpeg_bytes):
     path = tmp_path / "half.jpg"
     path.write_bytes(real_jpeg_bytes[: len(real_jpeg_bytes) // 2])
-    with pytest.raises(ImageLoadError) as error:
-        load_image(path)
-    assert_one_line_naming(error, path)
-
-
-def test_text_file_named_jpg(tmp_path):
-    path = tmp_path / "notes.jpg"
-    path.write_text("a dog runs on the beach\n" * 20)
-    with pytest.raises(ImageLoadError) as error:
-        load_image(path)
-    assert_one_line_naming(error, path)
-
-
-def test_directory(tmp_path):
-    path = tmp_path / "photos.jpg"
-    path.mkdir()
     with pytest.raises(ImageLoadError) as error:
         load_image(path)
     assert_one_line_naming(error, path)
