@@ -45,7 +45,7 @@ from torch_lstmcap.checkpoint import (
 from torch_lstmcap.datasets import DATA_FORMATS, DatasetError, ImageCaptions, load_dataset
 from torch_lstmcap.encoder import ENCODERS, EncoderError, build_encoder
 from torch_lstmcap.features import build_feature_cache
-from torch_lstmcap.metrics import format_metrics_table
+from torch_lstmcap.metrics import CiderD, format_metrics_table
 from torch_lstmcap.report import (
     append_metrics,
     plot_history,
@@ -63,11 +63,14 @@ from torch_lstmcap.training import (
     evaluate,
     seed_everything,
     train_one_epoch,
+    train_self_critical_epoch,
     warmup_cosine,
 )
 from torch_lstmcap.vocab import Vocabulary, tokenize
 
 log = logging.getLogger("train")
+
+OBJECTIVES = ("cross-entropy", "self-critical")
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -132,6 +135,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--out", type=Path, help="run directory (checkpoints, logs, plots)")
     optim.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="cross-entropy",
+        help="cross-entropy: teacher forcing on the human captions; self-critical: optimise "
+        "CIDEr-D of the model's own sampled captions (fine-tunes an --init-from model)",
+    )
+    optim.add_argument(
+        "--samples-per-image",
+        type=int,
+        default=5,
+        help="self-critical: captions drawn per image; a step covers --batch-size of them",
+    )
+    optim.add_argument(
         "--epochs", type=int, default=20, help="epochs at most (early stopping may end sooner)"
     )
     optim.add_argument("--batch-size", type=int, default=128, help="captions per step")
@@ -193,6 +209,11 @@ class Split:
     records: list[ImageCaptions]
     features: torch.Tensor | None
     skip: set[int]
+
+    @property
+    def usable(self) -> list[int]:
+        """Indices of the records whose photograph could be read."""
+        return [index for index in range(len(self.records)) if index not in self.skip]
 
 
 @dataclass
@@ -328,6 +349,23 @@ def make_loader(args, split: Split, vocab: Vocabulary, encoder, runtime: Distrib
     )
 
 
+def make_self_critical_batches(args, split: Split, runtime: Distributed):
+    """Batches of images for self-critical training, and the CIDEr-D reward of the split.
+
+    The batches are the same length-bucketed sampler as teacher forcing uses, over images of
+    one length, i.e. shuffled afresh each epoch; they index ``split.usable``.
+    """
+    sampler = LengthBucketSampler(
+        [0] * len(split.usable),
+        max(1, args.batch_size // args.samples_per_image),
+        seed=args.seed,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+    )
+    references = [[tokenize(caption) for caption in record.captions] for record in split.records]
+    return sampler, CiderD(references)
+
+
 def save_run(args, path: Path, model, vocab, encoder, training=None, dtype=None, extra=None):
     # A fine-tuned encoder is part of the model; a frozen one comes from its package.
     encoder_state = encoder.state_dict() if args.fine_tune_encoder else None
@@ -385,11 +423,17 @@ def train(args, runtime: Distributed) -> int:
     encoder.to(device)
     if not args.fine_tune_encoder:
         encoder.requires_grad_(False)
-    loader = make_loader(args, train_split, vocab, encoder, runtime)
+    self_critical = args.objective == "self-critical"
+    if self_critical:
+        loader, reward = make_self_critical_batches(args, train_split, runtime)
+        units = f"{loader.lengths.numel()} images, {args.samples_per_image} captions each"
+    else:
+        loader = make_loader(args, train_split, vocab, encoder, runtime)
+        units = f"{len(loader.dataset)} captions"
     if len(loader) == 0:
         raise DatasetError(
             f"--batch-size {args.batch_size} leaves no full batch: the training split has "
-            f"{len(loader.dataset)} captions"
+            + units
             + (f" for {runtime.world_size} processes" if runtime.world_size > 1 else "")
         )
     optimizer, scheduler = build_optimizer(args, model, encoder, len(loader))
@@ -415,19 +459,39 @@ def train(args, runtime: Distributed) -> int:
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics_path = args.out / "metrics.jsonl"
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
-        loader.batch_sampler.set_epoch(epoch)
-        result = train_one_epoch(
-            wrapped,
-            loader,
-            optimizer,
-            scheduler,
-            device=device,
-            clip_norm=args.clip_norm,
-            label_smoothing=args.label_smoothing,
-            autocast_dtype=autocast,
-            epoch=epoch,
-            progress=not args.quiet and runtime.is_main,
-        )
+        progress = not args.quiet and runtime.is_main
+        if self_critical:
+            loader.set_epoch(epoch)
+            result = train_self_critical_epoch(
+                wrapped,
+                [[train_split.usable[i] for i in batch] for batch in loader],
+                train_split.features,
+                reward,
+                vocab,
+                optimizer,
+                scheduler,
+                device=device,
+                samples_per_image=args.samples_per_image,
+                max_length=args.max_length,
+                clip_norm=args.clip_norm,
+                autocast_dtype=autocast,
+                epoch=epoch,
+                progress=progress,
+            )
+        else:
+            loader.batch_sampler.set_epoch(epoch)
+            result = train_one_epoch(
+                wrapped,
+                loader,
+                optimizer,
+                scheduler,
+                device=device,
+                clip_norm=args.clip_norm,
+                label_smoothing=args.label_smoothing,
+                autocast_dtype=autocast,
+                epoch=epoch,
+                progress=progress,
+            )
 
         stop = torch.zeros(1)
         if runtime.is_main:
@@ -464,6 +528,7 @@ def train(args, runtime: Distributed) -> int:
             record = {
                 "epoch": epoch,
                 "train_loss": result.loss,
+                **({"train_reward": result.reward} if self_critical else {}),
                 "seconds": round(result.seconds, 1),
                 "lr": scheduler.get_last_lr()[0],
                 "val": scores,
@@ -486,7 +551,9 @@ def train(args, runtime: Distributed) -> int:
                 args.out / "samples.html", val_split.records, predictions, f"epoch {epoch}"
             )
             print(
-                f"epoch {epoch}: loss {result.loss:.3f}, {result.seconds:.0f}s, "
+                f"epoch {epoch}: loss {result.loss:.3f}, "
+                + (f"reward {result.reward:.3f}, " if self_critical else "")
+                + f"{result.seconds:.0f}s, "
                 f"val BLEU-4 {scores['BLEU-4']:.3f} CIDEr {cider:.3f}"
                 + (" (best)" if improved else ""),
                 flush=True,
@@ -594,6 +661,7 @@ def check_ranges(parser: argparse.ArgumentParser, args) -> None:
         "--max-length": (args.max_length, 1),
         "--min-count": (args.min_count, 1),
         "--patience": (args.patience, 1),
+        "--samples-per-image": (args.samples_per_image, 2),
         "--max-images": (args.max_images, 1),
         "--max-val-images": (args.max_val_images, 1),
     }
@@ -630,6 +698,16 @@ def main(argv=None) -> int:
         parser.error(f"--out {args.out} is a file, not a run folder")
     if args.extend_vocab and args.init_from is None:
         parser.error("--extend-vocab needs --init-from")
+    if args.objective == "self-critical":
+        if args.init_from is None and not args.resume:
+            parser.error(
+                "--objective self-critical fine-tunes a trained model: pass --init-from "
+                "CHECKPOINT (train one with the default cross-entropy objective first)"
+            )
+        if args.fine_tune_encoder:
+            parser.error(
+                "--objective self-critical trains on cached features, not with --fine-tune-encoder"
+            )
     check_ranges(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from torch_lstmcap.decoding import Caption, beam_search, greedy_decode
+from torch_lstmcap.decoding import Caption, beam_search, greedy_decode, sample_captions
 
 PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D = 4, 5, 6, 7
@@ -393,3 +393,43 @@ def test_finished_hypotheses_are_not_run_through_the_model_again():
         assert rescore(RandomDecoder(seed=2), features[image], captions[0]) == pytest.approx(
             captions[0].log_prob, abs=1e-9
         )
+
+
+def test_sampling_draws_words_with_the_model_probabilities():
+    # After <start>: A 0.5, B 0.3, and the rest spread evenly; after A or B, <end> at once.
+    table = transition_table({START: {A: 0.5, B: 0.3}, A: {END: 1.0}, B: {END: 1.0}})
+    draws = 4000
+    sampled = sample_captions(
+        TableModel(table),
+        table_features(*[0] * draws),
+        **SPECIAL_IDS,
+        max_length=5,
+        generator=torch.Generator().manual_seed(0),
+    )
+    first = sampled[:, 0]
+    # The six other words share the 0.2 left. <start>, <unk>, <pad> and a first <end> are
+    # never drawn, so the probabilities of A, B, C and D renormalise over their sum.
+    allowed = 0.5 + 0.3 + 2 * (0.2 / 6)
+    assert set(first.tolist()) <= {A, B, C, D}
+    assert (first == A).float().mean().item() == pytest.approx(0.5 / allowed, abs=0.025)
+    assert (first == B).float().mean().item() == pytest.approx(0.3 / allowed, abs=0.025)
+    ended = (first == A) | (first == B)
+    assert (sampled[ended, 1] == END).all()
+    assert (sampled[ended, 2:] == PAD).all(), "a finished caption is padded after <end>"
+    assert sampled.shape[1] <= 5
+
+
+def test_sampling_stops_at_max_length_and_is_reproducible_with_a_generator():
+    table = transition_table({START: {A: 1.0}, A: {A: 1.0}})
+    sampled = sample_captions(TableModel(table), table_features(0, 0), **SPECIAL_IDS, max_length=4)
+    assert sampled.tolist() == [[A] * 4, [A] * 4]
+
+    model = RandomDecoder(seed=3)
+    features = torch.randn(32, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def draw(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return sample_captions(model, features, **SPECIAL_IDS, generator=generator)
+
+    assert torch.equal(draw(5), draw(5))
+    assert not torch.equal(draw(5), draw(6))

@@ -252,3 +252,55 @@ def test_errors():
         score_captions(TINY_PREDICTIONS, dict(TINY_REFERENCES, dog="A dog runs."))
     with pytest.raises(ValueError, match="CIDEr-D.*choose from BLEU-1"):
         score_captions(TINY_PREDICTIONS, TINY_REFERENCES, metrics=["CIDEr-D"])
+
+
+def _flickr8k_dev_references(count: int) -> list[list[list[str]]]:
+    from torch_lstmcap.datasets import load_dataset
+    from torch_lstmcap.vocab import tokenize
+
+    root = DATA / "flickr8k"
+    if not (root / "Flickr8k_text" / "Flickr8k.token.txt").is_file():
+        pytest.skip(f"Flickr8k not found under {DATA} (set LSTMCAP_DATA)")
+    records = load_dataset("flickr8k", root, "val")[:count]
+    return [[tokenize(caption) for caption in record.captions] for record in records]
+
+
+def test_cider_d_reward_equals_pycocoevalcap_cider_on_its_own_corpus():
+    # Scored as its own corpus, CiderD must give pycocoevalcap's per-image CIDEr exactly:
+    # candidates are shifted references of other images, cut to various lengths, so every
+    # term (clipping, the length penalty, unseen n-grams) is exercised.
+    from pycocoevalcap.cider.cider import Cider
+
+    references = _flickr8k_dev_references(120)
+    candidates = [
+        references[(image + 1) % len(references)][image % 5][: 1 + image % 12]
+        for image in range(len(references))
+    ]
+    candidates[0] = ["zebra", "quantum"]  # no reference has these words
+    scorer = metrics.CiderD(references)
+
+    gts = {image: [" ".join(ref) for ref in refs] for image, refs in enumerate(references)}
+    res = {image: [" ".join(words)] for image, words in enumerate(candidates)}
+    _, expected = Cider().compute_score(gts, res)
+    ours = [scorer.score(image, words) for image, words in enumerate(candidates)]
+    assert ours == pytest.approx(list(expected), abs=1e-12)
+    assert ours[0] == 0.0
+    assert max(ours) > 0.5
+
+
+def test_cider_d_rewards_agreement_with_the_image_own_references():
+    references = [
+        [["a", "dog", "runs", "on", "the", "grass"], ["a", "brown", "dog", "runs"]],
+        [["a", "man", "rides", "a", "bike"], ["a", "cyclist", "on", "a", "road"]],
+        [["two", "children", "play", "in", "the", "sand"], ["kids", "on", "a", "beach"]],
+    ]
+    scorer = metrics.CiderD(references)
+    assert len(scorer) == 3
+    own = scorer.score(0, ["a", "brown", "dog", "runs"])
+    other = scorer.score(1, ["a", "brown", "dog", "runs"])
+    assert own > 1.0 > other
+    # Same words, far longer: the Gaussian length penalty takes most of the reward away.
+    assert scorer.score(0, ["a", "brown", "dog", "runs"] * 4) < 0.2 * own
+    assert scorer.score(0, []) == 0.0
+    with pytest.raises(ValueError, match="at least one reference"):
+        metrics.CiderD([[["a", "dog"]], []])

@@ -464,6 +464,46 @@ def test_fine_tune_on_coco_mini_with_a_grown_vocabulary(trained, work, cache):
 
 
 @pytest.mark.slow
+def test_self_critical_fine_tuning_logs_the_reward_and_keeps_the_vocabulary(trained, work, cache):
+    run = work / "self-critical"
+    argv = flickr8k_args(run, cache, epochs=2)
+    argv += ["--objective", "self-critical", "--init-from", str(trained.best)]
+    argv += ["--samples-per-image", "4", "--lr", "1e-4", "--batch-size", "80"]
+    status, stdout, stderr = run_main(argv)
+
+    assert status == 0, stderr
+    history = read_metrics(run / "metrics.jsonl")
+    assert [record["epoch"] for record in history] == [1, 2]
+    assert all(0 < record["train_reward"] < 10 for record in history), history
+    assert "reward" in stdout.splitlines()[0]
+    base, tuned = load_checkpoint(trained.best), load_checkpoint(run / "last.safetensors")
+    assert tuned.vocab == base.vocab
+    changed = [
+        name
+        for name, tensor in tuned.model.state_dict().items()
+        if not torch.equal(tensor, base.model.state_dict()[name])
+    ]
+    assert "lstm.Wh" in changed and "embedding.weight" in changed
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "--objective self-critical fine-tunes a trained model: pass --init-from"),
+        (["--init-from", "m.safetensors", "--fine-tune-encoder"], "trains on cached features"),
+        (["--init-from", "m.safetensors", "--samples-per-image", "1"], "at least 2, got 1"),
+    ],
+)
+def test_self_critical_usage_errors_are_one_line(tmp_path, capsys, extra, message):
+    argv = [*flickr8k_args(tmp_path / "run", tmp_path), "--objective", "self-critical", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert message in line
+
+
+@pytest.mark.slow
 def test_train_on_a_csv_of_photographs_skips_an_unreadable_one(trained, tmp_path, cache, caplog):
     photos = write_csv_dataset(tmp_path / "photos", count=8, broken="broken.jpg")
     run = tmp_path / "run"

@@ -156,6 +156,47 @@ def greedy_decode(
     ]
 
 
+@torch.no_grad()
+def sample_captions(
+    model,
+    features: torch.Tensor,
+    *,
+    start_id: int,
+    end_id: int,
+    unk_id: int,
+    pad_id: int,
+    max_length: int = 20,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one caption per row of ``features`` from the model's own distribution.
+
+    Each next word is sampled from the step's probabilities, with the tokens decoding never
+    emits removed (the conventions above), which is what self-critical training needs.
+
+    features: (B, F) image features; repeat rows to draw several captions of one image.
+    Returns: (B, T) word ids, T <= max_length; ``<end>`` closes a finished caption, and
+        ``pad_id`` fills the rest of its row.
+    """
+    _check_max_length(max_length)
+    batch_size = features.shape[0]
+    device = features.device
+    forbidden = _forbidden_ids(start_id, end_id, unk_id, pad_id, device)
+
+    state = model.init_state(features)
+    words = torch.full((batch_size,), start_id, dtype=torch.long, device=device)
+    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    emitted = []
+    for step in range(max_length):
+        log_probs, state = model.step(words, state)
+        log_probs = _masked_log_probs(log_probs, forbidden, end_id, first_step=step == 0)
+        words = torch.multinomial(log_probs.exp(), 1, generator=generator).view(-1)  # (B,)
+        emitted.append(words.masked_fill(finished, pad_id))
+        finished = finished | (words == end_id)
+        if bool(finished.all()):
+            break
+    return torch.stack(emitted, dim=1)
+
+
 def _select_rows(state: tuple[torch.Tensor, ...], rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(tensor.index_select(0, rows) for tensor in state)
 

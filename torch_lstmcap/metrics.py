@@ -17,9 +17,11 @@ models, so it is always reported as unavailable.
 
 import contextlib
 import logging
+import math
 import re
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE")
 _BLEU_NAMES = METRIC_NAMES[:4]
+_CIDER_N = 4
 
 _PTB_JAR = Path(ptbtokenizer.__file__).resolve().parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
 
@@ -127,6 +130,78 @@ def score_captions(
         logger.info("SPICE unavailable: it needs a separate Stanford CoreNLP model download")
         scores["SPICE"] = None
     return {name: scores[name] for name in wanted}
+
+
+class CiderD:
+    """CIDEr-D of one caption against its image's human captions, with the n-gram document
+    frequencies of a fixed corpus: the reward of self-critical training.
+
+    The formula is pycocoevalcap's ``Cider`` (n-grams of 1 to 4 words, tf-idf vectors, the
+    candidate's weights clipped at the reference's, a Gaussian penalty on the length
+    difference with sigma 6, the mean over n and over references, times 10). What differs is
+    where the document frequencies come from: ``Cider`` counts them over the images it scores,
+    which for a training batch of a few dozen images is noise; here they are counted once over
+    ``references``, a whole training split.
+
+        scorer = CiderD([[["a", "dog", "runs"], ["a", "brown", "dog"]], ...])
+        scorer.score(0, ["a", "dog"])
+    """
+
+    def __init__(self, references: Sequence[Sequence[Sequence[str]]], sigma: float = 6.0):
+        """references[i]: the tokenised human captions of image i (lists of words)."""
+        if not references or not all(references):
+            raise ValueError("every image needs at least one reference caption")
+        self.sigma = sigma
+        counts = [[_ngram_counts(caption) for caption in captions] for captions in references]
+        document_frequency: Counter = Counter()
+        for image_counts in counts:
+            document_frequency.update({ngram for caption in image_counts for ngram in caption})
+        self._document_frequency = document_frequency
+        self._log_documents = math.log(len(references))
+        self._references = [[self._vector(caption) for caption in image] for image in counts]
+
+    def __len__(self) -> int:
+        return len(self._references)
+
+    def _vector(self, counts: Counter) -> tuple[list[dict], list[float], int]:
+        """n-gram counts -> (tf-idf weights per n, their norms per n, length)."""
+        weights: list[dict] = [{} for _ in range(_CIDER_N)]
+        for ngram, count in counts.items():
+            # An n-gram no reference contains counts as seen once, as in pycocoevalcap.
+            seen = max(1, self._document_frequency.get(ngram, 0))
+            weights[len(ngram) - 1][ngram] = count * (self._log_documents - math.log(seen))
+        norms = [math.sqrt(sum(w * w for w in level.values())) for level in weights]
+        # pycocoevalcap measures length in bigrams (words - 1); the penalty compares those.
+        length = sum(counts[ngram] for ngram in weights[1])
+        return weights, norms, length
+
+    def score(self, image: int, caption: Sequence[str]) -> float:
+        """CIDEr-D of ``caption`` (a list of words) against the references of image ``image``."""
+        weights, norms, length = self._vector(_ngram_counts(caption))
+        total = 0.0
+        for ref_weights, ref_norms, ref_length in self._references[image]:
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * self.sigma**2))
+            for level in range(_CIDER_N):
+                ref_level = ref_weights[level]
+                overlap = sum(
+                    min(weight, ref_level[ngram]) * ref_level[ngram]
+                    for ngram, weight in weights[level].items()
+                    if ngram in ref_level
+                )
+                if norms[level] and ref_norms[level]:
+                    overlap /= norms[level] * ref_norms[level]
+                total += overlap * penalty
+        return 10.0 * total / (_CIDER_N * len(self._references[image]))
+
+
+def _ngram_counts(words: Sequence[str]) -> Counter:
+    """Counts of every n-gram of 1 to 4 words, as tuples."""
+    words = tuple(words)
+    return Counter(
+        words[start : start + n]
+        for n in range(1, _CIDER_N + 1)
+        for start in range(len(words) - n + 1)
+    )
 
 
 def format_metrics_table(scores: Mapping[str, float | None]) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
@@ -23,9 +24,9 @@ from tqdm import tqdm
 
 from .captioner import Captioner, caption_loss
 from .datasets import ImageCaptions
-from .decoding import beam_search
+from .decoding import beam_search, sample_captions
 from .encoder import ImageEncoder, ImageLoadError, iter_image_batches, load_image
-from .metrics import score_captions
+from .metrics import CiderD, score_captions
 from .vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,12 @@ def encode_records(
 
 @dataclass
 class EpochResult:
+    """loss: mean training loss; reward: mean reward of the sampled captions (self-critical)."""
+
     loss: float
     steps: int
     seconds: float
+    reward: float | None = None
 
 
 def train_one_epoch(
@@ -241,8 +245,7 @@ def train_one_epoch(
         NonFiniteLossError: the loss or the gradient norm became NaN or infinite; the weights
             are not stepped with it, on any rank.
     """
-    distributed = isinstance(model, DistributedDataParallel)
-    captioner = model.module if distributed else model
+    captioner = model.module if isinstance(model, DistributedDataParallel) else model
     model.train()
     start, total, steps = time.perf_counter(), 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
@@ -251,34 +254,151 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(images, captions, targets_only=True)
             loss = caption_loss(logits, captions, captioner.config, label_smoothing)
-        observed = loss.detach()
-        if distributed:
-            # The mean over ranks: the logged loss covers every rank's batch, and a NaN on one
-            # rank stops all of them, instead of leaving the others in the gradient all-reduce.
-            observed = observed.clone()
-            dist.all_reduce(observed)
-            observed /= dist.get_world_size()
-        if not torch.isfinite(observed):
-            raise NonFiniteLossError(
-                f"loss became {observed.item()} at epoch {epoch}, step {steps}"
-            )
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
-        # A finite loss can still overflow a gradient; clipping would turn it into NaN weights.
-        if not torch.isfinite(norm):
-            raise NonFiniteLossError(
-                f"gradient norm became {norm.item()} at epoch {epoch}, step {steps}"
-            )
-        optimizer.step()
-        scheduler.step()
+        observed = _step_checked(
+            model, loss, optimizer, scheduler, clip_norm, f"epoch {epoch}, step {steps}"
+        )
 
         total += observed.item()
         steps += 1
         bar.set_postfix(loss=f"{total / steps:.3f}")
     return EpochResult(total / max(1, steps), steps, time.perf_counter() - start)
+
+
+def _step_checked(
+    model, loss: torch.Tensor, optimizer, scheduler, clip_norm: float, where: str
+) -> torch.Tensor:
+    """Back-propagate ``loss`` and step; the loss as seen by every rank, for logging.
+
+    Raises NonFiniteLossError before a NaN or infinite loss or gradient reaches the weights.
+    """
+    observed = loss.detach()
+    if isinstance(model, DistributedDataParallel):
+        # The mean over ranks: the logged loss covers every rank's batch, and a NaN on one
+        # rank stops all of them, instead of leaving the others in the gradient all-reduce.
+        observed = observed.clone()
+        dist.all_reduce(observed)
+        observed /= dist.get_world_size()
+    if not torch.isfinite(observed):
+        raise NonFiniteLossError(f"loss became {observed.item()} at {where}")
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+    # A finite loss can still overflow a gradient; clipping would turn it into NaN weights.
+    if not torch.isfinite(norm):
+        raise NonFiniteLossError(f"gradient norm became {norm.item()} at {where}")
+    optimizer.step()
+    scheduler.step()
+    return observed
+
+
+def sampled_log_probs(
+    logits: torch.Tensor, captions: torch.Tensor, vocab: Vocabulary
+) -> torch.Tensor:
+    """Log-probability of each sampled caption under the distribution it was drawn from.
+
+    logits: (K, V) from ``model(features, captions, targets_only=True)``.
+    captions: (S, L) ``<start>`` followed by the output of ``sample_captions``.
+    Returns: (S,) sums over each caption's tokens, ``<end>`` included when drawn. As in
+        decoding, ``<start>``, ``<unk>`` and ``<pad>`` are removed from every step's
+        distribution and ``<end>`` from the first.
+    """
+    targets = captions[:, 1:]
+    real = targets != vocab.pad_id
+    positions = real.nonzero()  # (K, 2): caption, step; the row order of ``logits``
+    forbidden = torch.tensor([vocab.start_id, vocab.unk_id, vocab.pad_id], device=logits.device)
+    # Half-precision logits (autocast) are promoted: these sums weight the whole gradient.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.index_fill(1, forbidden, float("-inf"))
+    first = positions[:, 1] == 0
+    logits[first, vocab.end_id] = float("-inf")
+    token_log_probs = F.log_softmax(logits, dim=1).gather(1, targets[real][:, None])  # (K, 1)
+    return token_log_probs.new_zeros(len(captions)).index_add(
+        0, positions[:, 0], token_log_probs.view(-1)
+    )
+
+
+def train_self_critical_epoch(
+    model: torch.nn.Module,
+    batches,
+    features: torch.Tensor,
+    reward: CiderD,
+    vocab: Vocabulary,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    device: torch.device,
+    samples_per_image: int = 5,
+    max_length: int = 20,
+    clip_norm: float = 2.0,
+    autocast_dtype: torch.dtype | None = None,
+    epoch: int = 0,
+    progress: bool = True,
+) -> EpochResult:
+    """One pass of self-critical sequence training (Rennie et al., 2017) over ``batches``.
+
+    For each image the model draws ``samples_per_image`` captions; each is rewarded with its
+    CIDEr-D against the image's human captions, minus the mean reward of the image's other
+    samples (the baseline of Luo, 2020), and the loss is REINFORCE's
+    ``-(reward - baseline) * log p(caption)``. The model optimises the metric it is judged by,
+    and sees its own captions instead of only the human ones.
+
+    batches: lists of image indices, rows of ``features`` (N, F) and images of ``reward``.
+    ``model`` is a :class:`Captioner`, possibly inside DistributedDataParallel. Dropout is off
+    throughout: the captions are drawn from, and their log-probabilities taken under, the
+    same distribution.
+    """
+    if samples_per_image < 2:
+        raise ValueError(f"samples_per_image must be at least 2, got {samples_per_image}")
+    captioner = model.module if isinstance(model, DistributedDataParallel) else model
+    model.eval()
+    start, total_loss, total_reward, steps = time.perf_counter(), 0.0, 0.0, 0
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
+    for images in bar:
+        image_features = features[images].to(device).repeat_interleave(samples_per_image, 0)
+        sampled = sample_captions(
+            captioner,
+            image_features,
+            start_id=vocab.start_id,
+            end_id=vocab.end_id,
+            unk_id=vocab.unk_id,
+            pad_id=vocab.pad_id,
+            max_length=max_length,
+        )  # (S, T), S = len(images) * samples_per_image
+        words = [
+            [vocab.word(word_id) for word_id in row if word_id not in (vocab.end_id, vocab.pad_id)]
+            for row in sampled.tolist()
+        ]
+        image_of_sample = [image for image in images for _ in range(samples_per_image)]
+        rewards = torch.tensor(
+            [
+                reward.score(image, caption)
+                for image, caption in zip(image_of_sample, words, strict=True)
+            ]
+        ).view(len(images), samples_per_image)
+        others = (rewards.sum(dim=1, keepdim=True) - rewards) / (samples_per_image - 1)
+        advantage = (rewards - others).view(-1).to(device)  # (S,)
+
+        start_column = sampled.new_full((len(sampled), 1), vocab.start_id)
+        captions = torch.cat([start_column, sampled], dim=1)  # (S, T + 1)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(image_features, captions, targets_only=True)
+        loss = -(advantage * sampled_log_probs(logits, captions, vocab)).mean()
+        observed = _step_checked(
+            model, loss, optimizer, scheduler, clip_norm, f"epoch {epoch}, step {steps}"
+        )
+
+        total_loss += observed.item()
+        total_reward += rewards.mean().item()
+        steps += 1
+        bar.set_postfix(reward=f"{total_reward / steps:.3f}")
+    return EpochResult(
+        total_loss / max(1, steps),
+        steps,
+        time.perf_counter() - start,
+        reward=total_reward / max(1, steps),
+    )
 
 
 @torch.inference_mode()
