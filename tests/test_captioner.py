@@ -167,6 +167,39 @@ def test_teacher_forcing_equals_step_by_step_decoding():
             )
 
 
+def test_decoding_looks_input_gates_up_and_refreshes_them_when_weights_change():
+    model = make_model().eval()
+    features, captions = make_batch((4, 6))
+    words = captions[:, 1]
+
+    def step_both_ways():
+        state = model.init_state(features)
+        with torch.enable_grad():
+            multiplied, _ = model.step(words, state)  # grad on: x @ Wx + b each step
+        with torch.no_grad():
+            looked_up, _ = model.step(words, state)  # no grad: a row of the table
+        return multiplied.detach(), looked_up
+
+    multiplied, looked_up = step_both_ways()
+    torch.testing.assert_close(looked_up, multiplied, atol=1e-6, rtol=1e-6)
+    table = model.input_gate_table()
+    assert table.shape == (VOCAB_SIZE, 4 * HIDDEN_SIZE)
+    assert model.input_gate_table() is table, "kept between steps"
+
+    # A training step changes the weights in place; the table must follow.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model.loss(features, captions).backward()
+    optimizer.step()
+    model.eval()
+    multiplied_after, looked_up_after = step_both_ways()
+    assert not torch.allclose(multiplied_after, multiplied, atol=1e-3)
+    torch.testing.assert_close(looked_up_after, multiplied_after, atol=1e-6, rtol=1e-6)
+
+    model.double()
+    assert model.input_gate_table().dtype == torch.float64
+
+
 def test_gradients_reach_every_parameter():
     model = make_model().train()
     features, captions = make_batch((3, 5, 2))

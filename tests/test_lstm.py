@@ -116,6 +116,28 @@ def test_step_gradcheck(N, D, H):
     assert torch.autograd.gradcheck(LSTMStepFunction.apply, (x, h, c, Wx, Wh, b))
 
 
+@pytest.mark.parametrize("N, H", [(1, 1), (3, 2)])
+def test_step_gradcheck_with_the_input_gates_given(N, H):
+    # Wx and b None: x is x @ Wx + b already, (N, 4H), as a decoder's per-word table gives it.
+    _, h, c, _, Wh, _ = make_inputs(N, 1, 1, H)
+    input_gates = torch.randn(N, 4 * H, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(LSTMStepFunction.apply, (input_gates, h, c, None, Wh, None))
+
+
+def test_step_with_the_input_gates_given_equals_the_full_step():
+    x, h, c, Wx, Wh, b = make_inputs(3, 1, 5, 4)
+    x = x[:, 0].detach().requires_grad_()
+    full = lstm_step(x, h, c, Wx, Wh, b)
+    full_grads = torch.autograd.grad(sum(out.sum() for out in full), (x, h, c, Wh))
+    input_gates = torch.addmm(b, x, Wx)
+    given = lstm_step(input_gates, h, c, None, Wh, None)
+    given_grads = torch.autograd.grad(sum(out.sum() for out in given), (x, h, c, Wh))
+    assert_all_close(given, full, atol=1e-12, rtol=0)
+    assert_all_close(given_grads, full_grads, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 4H\)"):
+        lstm_step(input_gates[:, :-1], h, c, None, Wh, None)
+
+
 @pytest.mark.parametrize(
     "N, T, D, H", [(1, 1, 1, 1), (2, 1, 3, 2), (1, 4, 2, 1), (3, 3, 2, 4), (2, 20, 3, 2)]
 )

@@ -333,8 +333,8 @@ def _check_input(x: object, dims: str) -> Tensor:
     return x
 
 
-def _check_weights(Wx: object, Wh: object, b: object, x: Tensor) -> int:
-    """Check Wx: (D, 4H), Wh: (H, 4H), b: (4H,) against x: (..., D); return H."""
+def _check_recurrent_weight(Wh: object, x: Tensor) -> int:
+    """Check Wh: (H, 4H) against x's dtype and device; return H."""
     if not isinstance(Wh, Tensor) or Wh.dim() != 2 or Wh.shape[1] != 4 * Wh.shape[0]:
         got = tuple(Wh.shape) if isinstance(Wh, Tensor) else type(Wh)
         raise ValueError(f"Wh must have shape (H, 4H), got {got}")
@@ -342,6 +342,12 @@ def _check_weights(Wx: object, Wh: object, b: object, x: Tensor) -> int:
     if H == 0:
         raise ValueError("Wh must have shape (H, 4H) with H >= 1, got (0, 0)")
     _check("Wh", Wh, "(H, 4H)", (H, 4 * H), x)
+    return H
+
+
+def _check_weights(Wx: object, Wh: object, b: object, x: Tensor) -> int:
+    """Check Wx: (D, 4H), Wh: (H, 4H), b: (4H,) against x: (..., D); return H."""
+    H = _check_recurrent_weight(Wh, x)
     _check("Wx", Wx, "(D, 4H)", (x.shape[-1], 4 * H), x)
     _check("b", b, "(4H,)", (4 * H,), x)
     return H
@@ -378,18 +384,27 @@ class LSTMStepFunction(torch.autograd.Function):
     forward(x, prev_h, prev_c, Wx, Wh, b) -> (next_h, next_c)
         x: (N, D), prev_h: (N, H), prev_c: (N, H), Wx: (D, 4H), Wh: (H, 4H), b: (4H,)
         next_h: (N, H), next_c: (N, H)
+
+    With Wx and b None, x is the input part of the pre-activation, x @ Wx + b: (N, 4H),
+    already computed (a decoder looks it up per word; see ``lstm_step``).
     """
 
     @staticmethod
     def forward(ctx, x, prev_h, prev_c, Wx, Wh, b):
-        _check_input(x, "(N, D)")
-        H = _check_weights(Wx, Wh, b, x)
+        projected = Wx is None and b is None
+        _check_input(x, "(N, 4H)" if projected else "(N, D)")
+        H = _check_recurrent_weight(Wh, x) if projected else _check_weights(Wx, Wh, b, x)
         N = x.shape[0]
+        if projected:
+            _check("x", x, "(N, 4H)", (N, 4 * H), x)
         _check("prev_h", prev_h, "(N, H)", (N, H), x)
         _check("prev_c", prev_c, "(N, H)", (N, H), x)
 
         with _autocast_off(x.device):
-            gates = torch.addmm(b, x, Wx).addmm_(prev_h, Wh)  # (N, 4H)
+            if projected:
+                gates = torch.addmm(x, prev_h, Wh)  # (N, 4H)
+            else:
+                gates = torch.addmm(b, x, Wx).addmm_(prev_h, Wh)  # (N, 4H)
             _activate_gates_(gates)
             i, f, o, g = split_gates(gates)
             next_c = torch.addcmul(f * prev_c, i, g)
@@ -435,9 +450,10 @@ class LSTMStepFunction(torch.autograd.Function):
             dg.mul_(1 - g.square())
             da = grad_gates
 
-            # a = x @ Wx + prev_h @ Wh + b, so each gradient is one matrix product.
+            # a = x @ Wx + prev_h @ Wh + b, so each gradient is one matrix product; with Wx
+            # and b None, a = x + prev_h @ Wh and dx = da.
             if need_x:
-                grad_x = da @ Wx.t()
+                grad_x = da if Wx is None else da @ Wx.t()
             if need_prev_h:
                 grad_prev_h = da @ Wh.t()
             if need_Wx:
@@ -610,17 +626,24 @@ class LSTMSequenceFunction(torch.autograd.Function):
 
 
 def lstm_step(
-    x: Tensor, prev_h: Tensor, prev_c: Tensor, Wx: Tensor, Wh: Tensor, b: Tensor
+    x: Tensor,
+    prev_h: Tensor,
+    prev_c: Tensor,
+    Wx: Tensor | None,
+    Wh: Tensor,
+    b: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Run one LSTM step.
 
     Args:
-        x: (N, D) input.
+        x: (N, D) input; or, with Wx and b None, (N, 4H) its part of the pre-activation,
+            x @ Wx + b, computed beforehand. A decoder whose inputs are word embeddings can
+            keep that product for every word of its vocabulary and look rows up.
         prev_h: (N, H) previous hidden state.
         prev_c: (N, H) previous cell state.
-        Wx: (D, 4H) input weights, gate blocks in GATE_ORDER.
+        Wx: (D, 4H) input weights, gate blocks in GATE_ORDER; or None.
         Wh: (H, 4H) recurrent weights, gate blocks in GATE_ORDER.
-        b: (4H,) bias, gate blocks in GATE_ORDER.
+        b: (4H,) bias, gate blocks in GATE_ORDER; None exactly when Wx is.
 
     Returns:
         next_h: (N, H) and next_c: (N, H).
