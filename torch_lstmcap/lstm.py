@@ -479,7 +479,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
     The input projection x @ Wx + b of all T steps is one matrix product before the loop; each
     step adds prev_h @ Wh in place into its slice of that buffer and activates it there, so the
     buffer ends up holding the activated gates the backward needs. The backward loop produces
-    da for every step; dx, dWx, dWh and db are then one matrix product or sum each.
+    da for every step; after it, dx is one matrix product and dWx, dWh and db together another.
 
     Saved for the backward: x, h0, Wx, Wh, the gates (N, T, 4H), the cell states entering each
     step (N, T, H) and their tanh (N, T, H). The hidden states are not saved: the backward
@@ -601,7 +601,10 @@ class LSTMSequenceFunction(torch.autograd.Function):
                     local_o[:, t].mul_(dh)
                     dc.mul_(f[:, t])
 
-            # a = x Wx + prev_h Wh + b over all steps: one matrix product or sum per gradient.
+            # a = x Wx + prev_h Wh + b over all steps, so
+            #   dx = da Wx^T,   dWx = x^T da,   dWh = prev_h^T da,   db = 1^T da.
+            # The three weight gradients share their right factor da: they are one product,
+            # [x | prev_h | 1]^T da, which reads da once and sums db on the way.
             da_flat = da.view(N * T, 4 * H)
             if need_x:
                 grad_x = (da_flat @ Wx.t()).view(N, T, D)
@@ -609,18 +612,27 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 grad_h0 = da[:, 0] @ Wh_t
             if need_c0:
                 grad_c0 = dc
-            if need_Wx:
-                grad_Wx = x.reshape(N * T, D).t() @ da_flat
-            if need_Wh:
-                # prev_h: h0, then h_t = o * tanh(c_t) of every step but the last, recomputed
-                # with the forward's single product, so bit for bit (on the reference path into
-                # the spent cell_from_h).
-                prev_h = torch.empty_like(tanh_cells) if fused is not None else cell_from_h
-                prev_h[:, 0] = h0
-                torch.mul(o[:, :-1], tanh_cells[:, :-1], out=prev_h[:, 1:])
-                grad_Wh = prev_h.view(N * T, H).t() @ da_flat
-            if need_b:
-                grad_b = da_flat.sum(0)
+            widths = {"Wx": D * need_Wx, "Wh": H * need_Wh, "b": int(need_b)}
+            if any(widths.values()):
+                left = x.new_empty(N * T, sum(widths.values()))
+                columns = dict(zip(widths, left.split(list(widths.values()), dim=1), strict=True))
+                if need_Wx:
+                    columns["Wx"].copy_(x.reshape(N * T, D))
+                if need_Wh:
+                    # prev_h: h0, then h_t = o * tanh(c_t) of every step but the last,
+                    # recomputed with the forward's single product, so bit for bit.
+                    prev_h = columns["Wh"].view(N, T, H)
+                    prev_h[:, 0] = h0
+                    torch.mul(o[:, :-1], tanh_cells[:, :-1], out=prev_h[:, 1:])
+                if need_b:
+                    columns["b"].fill_(1)
+                weight_grads = left.t() @ da_flat  # (D + H + 1, 4H), blocks as needed
+                parts = weight_grads.split(list(widths.values()), dim=0)
+                grad_Wx, grad_Wh, grad_b = (
+                    part if widths[name] else None for name, part in zip(widths, parts, strict=True)
+                )
+                if need_b:
+                    grad_b = grad_b.view(4 * H)
 
         return grad_x, grad_h0, grad_c0, grad_Wx, grad_Wh, grad_b
 
