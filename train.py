@@ -458,13 +458,14 @@ def train(args, runtime: Distributed) -> int:
 
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics_path = args.out / "metrics.jsonl"
+    usable = train_split.usable
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         progress = not args.quiet and runtime.is_main
         if self_critical:
             loader.set_epoch(epoch)
             result = train_self_critical_epoch(
                 wrapped,
-                [[train_split.usable[i] for i in batch] for batch in loader],
+                [[usable[i] for i in batch] for batch in loader],
                 train_split.features,
                 reward,
                 vocab,

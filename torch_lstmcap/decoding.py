@@ -189,7 +189,12 @@ def sample_captions(
     for step in range(max_length):
         log_probs, state = model.step(words, state)
         log_probs = _masked_log_probs(log_probs, forbidden, end_id, first_step=step == 0)
-        words = torch.multinomial(log_probs.exp(), 1, generator=generator).view(-1)  # (B,)
+        # argmax of p / E with E ~ Exponential(1) is a draw from p (the exponential race),
+        # several times faster than torch.multinomial on (B, V) rows. E is kept above zero,
+        # where a word of probability 0 would win with 0 / 0.
+        race = torch.empty_like(log_probs).exponential_(generator=generator)
+        race.clamp_(min=torch.finfo(race.dtype).tiny)
+        words = (log_probs.exp() / race).argmax(dim=1)  # (B,)
         emitted.append(words.masked_fill(finished, pad_id))
         finished = finished | (words == end_id)
         if bool(finished.all()):
