@@ -18,6 +18,7 @@ import torch
 from shared_data import DATA
 
 import caption
+from torch_lstmcap import inference
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import EncoderInfo, save_checkpoint
 from torch_lstmcap.datasets import read_flickr8k
@@ -104,6 +105,29 @@ def library_captions(captioner, paths, top_k=1) -> list[list[dict]]:
 def error_lines(stderr: str) -> list[str]:
     assert "Traceback" not in stderr, stderr
     return stderr.splitlines()
+
+
+def test_folders_decode_in_groups_and_keep_input_order(captioner, monkeypatch, tmp_path):
+    # Groups of at least 5 photographs from batches of 3: groups end mid-way through the
+    # list, and an unreadable file sits inside one, yet each result is that of its own file.
+    monkeypatch.setattr(inference, "DECODE_GROUP", 5)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photograph")
+    paths = sorted(FLICKR8K_PHOTOS.glob("*.jpg"))[:10]
+    paths.insert(4, broken)
+
+    results = list(captioner.caption_files(paths, batch_size=3, top_k=2))
+
+    assert [result.image for result in results] == [str(path) for path in paths]
+    assert results[4].error and not results[4].captions
+    for path, result in zip(paths, results, strict=True):
+        if path == broken:
+            continue
+        alone = captioner.caption_image(path, top_k=2)
+        assert [c.text for c in result.captions] == [c.text for c in alone]
+        assert [c.log_prob for c in result.captions] == pytest.approx(
+            [c.log_prob for c in alone], abs=1e-4
+        )
 
 
 def test_one_image_prints_the_caption_alone_and_imports_only_what_it_needs(

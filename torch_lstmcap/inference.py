@@ -19,11 +19,20 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .decoding import DEFAULT_LENGTH_PENALTY, beam_search
-from .encoder import ImageEncoder, ImageLoadError, build_encoder, iter_image_batches, load_image
+from .encoder import (
+    ImageBatch,
+    ImageEncoder,
+    ImageLoadError,
+    build_encoder,
+    iter_image_batches,
+    load_image,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_MODEL_NAME = "flickr8k_lite0.safetensors"
+# Photographs decoded together by caption_files (see there).
+DECODE_GROUP = 64
 
 
 def default_checkpoint_path() -> Path:
@@ -90,20 +99,24 @@ class ImageCaptioner:
         return cls(checkpoint, encoder, device)
 
     @torch.inference_mode()
-    def caption_tensor(
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: (B, 3, S, S) preprocessed -> features (B, F) float32, on the device."""
+        pixels = pixels.to(self.device)
+        if self.device.type == "cpu":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self.encoder(pixels).float()
+
+    @torch.inference_mode()
+    def caption_features(
         self,
-        pixels: torch.Tensor,
+        features: torch.Tensor,
         *,
         beam_size: int = 3,
         top_k: int = 1,
         max_length: int = 20,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
     ) -> list[tuple[GeneratedCaption, ...]]:
-        """pixels: (B, 3, S, S) preprocessed -> per image, ``top_k`` captions, best first."""
-        pixels = pixels.to(self.device)
-        if self.device.type == "cpu":
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        features = self.encoder(pixels).float()  # (B, F)
+        """features: (B, F) from :meth:`encode` -> per image, ``top_k`` captions, best first."""
         results = beam_search(
             self.model,
             features,
@@ -120,6 +133,10 @@ class ImageCaptioner:
             tuple(GeneratedCaption(self.vocab.decode(c.token_ids), c.log_prob) for c in best)
             for best in results
         ]
+
+    def caption_tensor(self, pixels: torch.Tensor, **options) -> list[tuple[GeneratedCaption, ...]]:
+        """pixels: (B, 3, S, S) preprocessed -> per image, ``top_k`` captions, best first."""
+        return self.caption_features(self.encode(pixels), **options)
 
     def caption_image(self, path: str | os.PathLike, **options) -> tuple[GeneratedCaption, ...]:
         """Caption one photograph file (raises ImageLoadError if it cannot be read)."""
@@ -138,6 +155,9 @@ class ImageCaptioner:
         """Caption many files in batches, in input order; unreadable files yield errors.
 
         Photographs are decoded in worker threads while the encoder runs on the previous batch.
+        The encoder's features are gathered until at least DECODE_GROUP photographs wait, and
+        beam search runs on all of them at once: a decoding step reads the same weights for
+        a few rows or for a few hundred, so fewer, larger steps cost less per photograph.
         """
         bar = None
         if progress:
@@ -147,9 +167,37 @@ class ImageCaptioner:
         batches = iter_image_batches(
             paths, self.encoder.preprocessing, batch_size, num_workers=num_workers
         )
+        waiting: list[tuple[ImageBatch, torch.Tensor | None]] = []
+        num_waiting = 0
         for batch in batches:
-            captions = self.caption_tensor(batch.pixels, **options) if batch.indices else []
-            by_index = dict(zip(batch.indices, captions, strict=True))
+            features = self.encode(batch.pixels) if batch.indices else None
+            waiting.append((batch, features))
+            num_waiting += len(batch.indices)
+            if num_waiting >= DECODE_GROUP:
+                yield from self._decode_waiting(paths, waiting, bar, options)
+                waiting, num_waiting = [], 0
+        yield from self._decode_waiting(paths, waiting, bar, options)
+        if bar is not None:
+            bar.close()
+
+    def _decode_waiting(
+        self,
+        paths: Sequence[str | os.PathLike],
+        waiting: list[tuple[ImageBatch, torch.Tensor | None]],
+        bar,
+        options: dict,
+    ) -> Iterator[CaptionResult]:
+        """Beam-search the features of the waiting batches together; results in input order."""
+        encoded = [features for _, features in waiting if features is not None]
+        captions = self.caption_features(torch.cat(encoded), **options) if encoded else []
+        by_index = dict(
+            zip(
+                [index for batch, _ in waiting for index in batch.indices],
+                captions,
+                strict=True,
+            )
+        )
+        for batch, _ in waiting:
             for index in sorted([*batch.indices, *batch.errors]):
                 if index in batch.errors:
                     yield CaptionResult(str(paths[index]), error=batch.errors[index])
@@ -157,8 +205,6 @@ class ImageCaptioner:
                     yield CaptionResult(str(paths[index]), captions=by_index[index])
             if bar is not None:
                 bar.update(len(batch.indices) + len(batch.errors))
-        if bar is not None:
-            bar.close()
 
 
 def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
