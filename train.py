@@ -125,6 +125,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="dropout on image features, words and LSTM outputs",
     )
+    model.add_argument(
+        "--image-at-output",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the image to the LSTM output before every word prediction, besides "
+        "setting the initial state",
+    )
     model.add_argument("--min-count", type=int, default=5, help="rarer words become <unk>")
     model.add_argument("--max-length", type=int, default=20, help="words per caption at most")
     model.add_argument("--init-from", type=Path, help="start from this checkpoint's weights")
@@ -300,6 +307,7 @@ def build_model(args, vocab: Vocabulary, encoder, base: Checkpoint | None) -> Ca
             hidden_size=args.hidden_size,
             dropout=args.dropout,
             pad_id=vocab.pad_id,
+            image_at_output=args.image_at_output,
         )
         return Captioner(config)
     if base.encoder.name != encoder.name:

@@ -16,7 +16,7 @@ VOCAB_SIZE, FEATURE_DIM, HIDDEN_SIZE = 50, 12, 16
 SPECIAL_IDS = {"start_id": START, "end_id": END, "unk_id": UNK, "pad_id": PAD}
 
 
-def make_model(seed: int = 0, dropout: float = 0.3) -> Captioner:
+def make_model(seed: int = 0, dropout: float = 0.3, image_at_output: bool = False) -> Captioner:
     """A small captioner whose output bias is random too, so no parameter starts at zero."""
     torch.manual_seed(seed)
     config = CaptionerConfig(
@@ -25,6 +25,7 @@ def make_model(seed: int = 0, dropout: float = 0.3) -> Captioner:
         hidden_size=HIDDEN_SIZE,
         dropout=dropout,
         pad_id=PAD,
+        image_at_output=image_at_output,
     )
     model = Captioner(config)
     with torch.no_grad():
@@ -153,12 +154,16 @@ def test_decoder_runs_on_the_hand_written_lstm_functions(monkeypatch):
     assert "LSTMSequenceFunctionBackward" not in nodes
 
 
-def test_teacher_forcing_equals_step_by_step_decoding():
-    model = make_model().eval()
+@pytest.mark.parametrize("image_at_output", [False, True])
+def test_teacher_forcing_equals_step_by_step_decoding(image_at_output):
+    model = make_model(image_at_output=image_at_output).eval()
     features, captions = make_batch((3, 7, 5))
 
     with torch.no_grad():
         sequence_log_probs = model(features, captions).log_softmax(-1)  # (N, T, V)
+        targets = model(features, captions, targets_only=True).log_softmax(-1)  # (K, V)
+        real = captions[:, 1:] != PAD
+        torch.testing.assert_close(targets, sequence_log_probs[real], atol=1e-5, rtol=1e-5)
         state = model.init_state(features)
         for t in range(captions.shape[1] - 1):
             step_log_probs, state = model.step(captions[:, t], state)
@@ -200,8 +205,9 @@ def test_decoding_looks_input_gates_up_and_refreshes_them_when_weights_change():
     assert model.input_gate_table().dtype == torch.float64
 
 
-def test_gradients_reach_every_parameter():
-    model = make_model().train()
+@pytest.mark.parametrize("image_at_output", [False, True])
+def test_gradients_reach_every_parameter(image_at_output):
+    model = make_model(image_at_output=image_at_output).train()
     features, captions = make_batch((3, 5, 2))
     model.loss(features, captions).backward()
 

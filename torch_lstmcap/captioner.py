@@ -4,12 +4,15 @@
     h0 = tanh(W_h v), c0 = tanh(W_c v)                                   state from the image
     x_t = embed(w_t)        (N, T, E)                                    words
     h = LSTM(x, (h0, c0))   (N, T, E)                                    torch_lstmcap.lstm
-    logits = dropout(h) @ embed.weight^T + bias   (N, T, V)              tied output layer
+    logits = dropout(h + W_o v) @ embed.weight^T + bias   (N, T, V)      tied output layer
 
-The image sets the initial state (Vinyals et al., 2015). The output layer reuses the
-word-embedding matrix (weight tying, Press and Wolf, 2017), which is why the embedding and
-hidden sizes are one number: on a corpus the size of Flickr8k it regularises, and it halves
-the checkpoint.
+The image sets the initial state (Vinyals et al., 2015). With ``image_at_output`` it also
+reaches every word prediction directly, through W_o ("merge", Tanti et al., 2018): the
+LSTM need not carry what the photograph shows through the whole sentence.
+
+The output layer reuses the word-embedding matrix (weight tying, Press and Wolf, 2017),
+which is why the embedding and hidden sizes are one number: on a corpus the size of Flickr8k
+it regularises, and it halves the checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class CaptionerConfig:
     hidden_size: int = 512
     dropout: float = 0.5
     pad_id: int = 0
+    image_at_output: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +65,7 @@ class Captioner(nn.Module):
         self.lstm = LSTM(size, size)
         self.output_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.dropout = nn.Dropout(config.dropout)
+        self.image_to_output = nn.Linear(size, size) if config.image_at_output else None
         nn.init.normal_(self.embedding.weight, std=size**-0.5)
         self._gate_table: torch.Tensor | None = None
         self._gate_table_key: tuple | None = None
@@ -69,13 +74,20 @@ class Captioner(nn.Module):
         """features: (N, F) -> v: (N, E)."""
         return self.image_proj(self.dropout(self.feature_norm(features)))
 
-    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features: (N, F) -> decoding state (h, c), each (N, E)."""
+    def init_state(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """features: (N, F) -> decoding state (h, c), each (N, E); with ``image_at_output``
+        (h, c, W_o v), the image's term of every output, carried along with the rows."""
         image = self.image_vector(features)
-        return torch.tanh(self.init_h(image)), torch.tanh(self.init_c(image))
+        state = (torch.tanh(self.init_h(image)), torch.tanh(self.init_c(image)))
+        if self.image_to_output is not None:
+            state += (self.image_to_output(image),)
+        return state
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: (..., E) -> (..., V), through the tied embedding matrix."""
+    def logits(self, hidden: torch.Tensor, image_term: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: (..., E), plus image_term W_o v broadcast to it -> (..., V), through the
+        tied embedding matrix."""
+        if image_term is not None:
+            hidden = hidden + image_term
         return F.linear(self.dropout(hidden), self.embedding.weight, self.output_bias)
 
     def forward(
@@ -93,13 +105,16 @@ class Captioner(nn.Module):
         Returns:
             (N, L-1, V) logits, position t predicting ``captions[:, t + 1]``; or (K, V).
         """
-        prev_h, prev_c = self.init_state(features)
+        prev_h, prev_c, *image_term = self.init_state(features)
         words = self.dropout(self.embedding(captions[:, :-1]))  # (N, T, E), T = L - 1
         lstm = self.lstm
         hidden, _ = lstm_forward(words, prev_h, lstm.Wx, lstm.Wh, lstm.b, c0=prev_c)
+        image_term = image_term[0][:, None].expand_as(hidden) if image_term else None
         if targets_only:
-            hidden = hidden[captions[:, 1:] != self.config.pad_id]  # (K, E)
-        return self.logits(hidden)
+            real = captions[:, 1:] != self.config.pad_id
+            hidden = hidden[real]  # (K, E)
+            image_term = None if image_term is None else image_term[real]
+        return self.logits(hidden, image_term)
 
     def loss(
         self, features: torch.Tensor, captions: torch.Tensor, label_smoothing: float = 0.0
@@ -110,18 +125,18 @@ class Captioner(nn.Module):
         )
 
     def step(
-        self, words: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        self, words: torch.Tensor, state: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """One decoding step.
 
         Args:
             words: (B,) previous word ids (``<start>`` first).
-            state: (h, c), each (B, E).
+            state: (h, c), each (B, E), and the image term W_o v with ``image_at_output``.
 
         Returns:
             log_probs: (B, V) float32; the new state.
         """
-        prev_h, prev_c = state
+        prev_h, prev_c, *image_term = state
         lstm = self.lstm
         if torch.is_grad_enabled() or self.training:
             x = self.dropout(self.embedding(words))
@@ -130,8 +145,8 @@ class Captioner(nn.Module):
             # Decoding: each word's input gates are a row of the table, not a product.
             input_gates = self.input_gate_table().index_select(0, words)  # (B, 4E)
             next_h, next_c = lstm_step(input_gates, prev_h, prev_c, None, lstm.Wh, None)
-        log_probs = F.log_softmax(self.logits(next_h).float(), dim=-1)
-        return log_probs, (next_h, next_c)
+        logits = self.logits(next_h, image_term[0] if image_term else None)
+        return F.log_softmax(logits.float(), dim=-1), (next_h, next_c, *image_term)
 
     def input_gate_table(self) -> torch.Tensor:
         """(V, 4E) ``embed(w) @ Wx + b`` for every word w, the input part of the LSTM gates.
