@@ -14,10 +14,13 @@ process, in interleaved rounds so that load from other processes falls on all of
     nn.LSTM                      torch.nn.LSTM, batch first
     nn.LSTMCell loop             torch.nn.LSTMCell called once per step from Python
     autograd                     the math of lstm_forward in plain PyTorch ops, autograd's backward
-    matmul floor                 the matrix products alone, no gate arithmetic: what no LSTM beats
+    matmul floor (torch.mm)      the matrix products alone, no gate arithmetic, through torch.mm
+    matmul floor (oneDNN)        the same products through oneDNN, as lstm_forward runs them on
+                                 the CPU in float32 (left out where torch lacks oneDNN)
 
 The table lists the median and the minimum time of each, each as a ratio to nn.LSTM, the
-minimum as a ratio to the matmul floor, and the bytes each implementation saves for the
+minimum as a ratio to the matmul floor (the faster of the two product libraries: what no LSTM
+beats), and the bytes each implementation saves for the
 backward (distinct tensor storages packed by autograd, inputs and weights included).
 
 On a machine shared with other work, wall time mostly measures the neighbours. Minima over
@@ -42,7 +45,13 @@ from tqdm import tqdm
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch_lstmcap.lstm import LSTM, lstm_forward, split_gates  # noqa: E402
+from torch_lstmcap.lstm import (  # noqa: E402
+    LSTM,
+    _matmul,
+    _onednn_linear,
+    lstm_forward,
+    split_gates,
+)
 
 IMPLEMENTATIONS = (
     "lstm_forward",
@@ -50,8 +59,10 @@ IMPLEMENTATIONS = (
     "nn.LSTM",
     "nn.LSTMCell loop",
     "autograd",
-    "matmul floor",
+    "matmul floor (torch.mm)",
+    "matmul floor (oneDNN)",
 )
+FLOORS = ("matmul floor (torch.mm)", "matmul floor (oneDNN)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -155,8 +166,11 @@ def make_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]],
         if name in args.only or name == "nn.LSTM"
     }
     cases = {name: run(forward) for name, forward in forwards.items()}
-    if "matmul floor" in args.only:
-        cases["matmul floor"] = matmul_floor(x.detach(), h0.detach(), Wx.detach(), Wh.detach())
+    tensors = x.detach(), h0.detach(), Wx.detach(), Wh.detach()
+    if "matmul floor (torch.mm)" in args.only:
+        cases["matmul floor (torch.mm)"] = matmul_floor(*tensors, linear=None)
+    if "matmul floor (oneDNN)" in args.only and _onednn_linear() is not None:
+        cases["matmul floor (oneDNN)"] = matmul_floor(*tensors, linear=_onednn_linear())
     saved = {name: saved_bytes(forward) for name, forward in forwards.items()}
     return cases, saved
 
@@ -175,31 +189,46 @@ def fused_kernel_disabled():
             os.environ["LSTMCAP_FUSED"] = previous
 
 
-def matmul_floor(x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor) -> Callable[[], None]:
-    """The matrix products of an LSTM's forward and backward, into preallocated buffers."""
+def matmul_floor(
+    x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, linear: object | None
+) -> Callable[[], None]:
+    """The matrix products of an LSTM's forward and backward, through oneDNN's linear when
+    linear is given (torch_lstmcap.lstm's product helper), else through torch.mm into
+    preallocated buffers."""
     N, T, D = x.shape
     H = Wh.shape[0]
     gates = torch.empty(N, T, 4 * H)
     da = torch.randn(N, T, 4 * H)
     h = torch.randn(N, T, H)
-    dh = torch.empty(N, H)
-    dx = torch.empty(N * T, D)
-    dWx = torch.empty(D, 4 * H)
-    dWh = torch.empty(H, 4 * H)
+    x_flat, da_flat, h_flat = x.view(N * T, D), da.view(N * T, 4 * H), h.view(N * T, H)
 
-    def step() -> None:
-        torch.mm(x.view(N * T, D), Wx, out=gates.view(N * T, 4 * H))
+    def with_torch_mm() -> None:
+        dh, dx = torch.empty(N, H), torch.empty(N * T, D)
+        dWx, dWh = torch.empty(D, 4 * H), torch.empty(H, 4 * H)
+        torch.mm(x_flat, Wx, out=gates.view(N * T, 4 * H))
         prev_h = h0
         for t in range(T):
             gates[:, t].addmm_(prev_h, Wh)
             prev_h = h[:, t]
         for t in reversed(range(T)):
             torch.mm(da[:, t], Wh.t(), out=dh)
-        torch.mm(da.view(N * T, 4 * H), Wx.t(), out=dx)
-        torch.mm(x.view(N * T, D).t(), da.view(N * T, 4 * H), out=dWx)
-        torch.mm(h.view(N * T, H).t(), da.view(N * T, 4 * H), out=dWh)
+        torch.mm(da_flat, Wx.t(), out=dx)
+        torch.mm(x_flat.t(), da_flat, out=dWx)
+        torch.mm(h_flat.t(), da_flat, out=dWh)
 
-    return step
+    def with_linear() -> None:
+        projected = _matmul(x_flat, Wx, linear).view(N, T, 4 * H)
+        prev_h = h0
+        for t in range(T):
+            projected[:, t].add_(_matmul(prev_h, Wh, linear))
+            prev_h = h[:, t]
+        for t in reversed(range(T)):
+            _matmul(da[:, t], Wh.t(), linear)
+        _matmul(da_flat, Wx.t(), linear)
+        _matmul(x_flat.t(), da_flat, linear)
+        _matmul(h_flat.t(), da_flat, linear)
+
+    return with_torch_mm if linear is None else with_linear
 
 
 def saved_bytes(forward: Callable[[], Tensor]) -> int:
@@ -236,7 +265,8 @@ def summarize(times: dict, saved: dict) -> dict:
     ratio to the matmul floor (None when it was not timed) and the bytes saved."""
     reference_median = statistics.median(times["nn.LSTM"])
     reference_min = min(times["nn.LSTM"])
-    floor_min = min(times["matmul floor"]) if "matmul floor" in times else None
+    floors = [min(times[name]) for name in FLOORS if name in times]
+    floor_min = min(floors) if floors else None
     rows = {}
     for name, seconds in times.items():
         median = statistics.median(seconds)
