@@ -45,13 +45,8 @@ from tqdm import tqdm
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torch_lstmcap.lstm import (  # noqa: E402
-    LSTM,
-    _matmul,
-    _onednn_linear,
-    lstm_forward,
-    split_gates,
-)
+from torch_lstmcap.lstm import LSTM, lstm_forward, split_gates  # noqa: E402
+from torch_lstmcap.products import matmul, onednn_linear  # noqa: E402
 
 IMPLEMENTATIONS = (
     "lstm_forward",
@@ -168,9 +163,9 @@ def make_cases(args: argparse.Namespace) -> tuple[dict[str, Callable[[], None]],
     cases = {name: run(forward) for name, forward in forwards.items()}
     tensors = x.detach(), h0.detach(), Wx.detach(), Wh.detach()
     if "matmul floor (torch.mm)" in args.only:
-        cases["matmul floor (torch.mm)"] = matmul_floor(*tensors, linear=None)
-    if "matmul floor (oneDNN)" in args.only and _onednn_linear() is not None:
-        cases["matmul floor (oneDNN)"] = matmul_floor(*tensors, linear=_onednn_linear())
+        cases["matmul floor (torch.mm)"] = matmul_floor(*tensors, op=None)
+    if "matmul floor (oneDNN)" in args.only and onednn_linear() is not None:
+        cases["matmul floor (oneDNN)"] = matmul_floor(*tensors, op=onednn_linear())
     saved = {name: saved_bytes(forward) for name, forward in forwards.items()}
     return cases, saved
 
@@ -190,11 +185,11 @@ def fused_kernel_disabled():
 
 
 def matmul_floor(
-    x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, linear: object | None
+    x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, op: object | None
 ) -> Callable[[], None]:
-    """The matrix products of an LSTM's forward and backward, through oneDNN's linear when
-    linear is given (torch_lstmcap.lstm's product helper), else through torch.mm into
-    preallocated buffers."""
+    """The matrix products of an LSTM's forward and backward: through the oneDNN op when it is
+    given (as torch_lstmcap.products runs them), else through torch.mm into preallocated
+    buffers."""
     N, T, D = x.shape
     H = Wh.shape[0]
     gates = torch.empty(N, T, 4 * H)
@@ -216,19 +211,19 @@ def matmul_floor(
         torch.mm(x_flat.t(), da_flat, out=dWx)
         torch.mm(h_flat.t(), da_flat, out=dWh)
 
-    def with_linear() -> None:
-        projected = _matmul(x_flat, Wx, linear).view(N, T, 4 * H)
+    def with_onednn() -> None:
+        projected = matmul(x_flat, Wx, op).view(N, T, 4 * H)
         prev_h = h0
         for t in range(T):
-            projected[:, t].add_(_matmul(prev_h, Wh, linear))
+            projected[:, t].add_(matmul(prev_h, Wh, op))
             prev_h = h[:, t]
         for t in reversed(range(T)):
-            _matmul(da[:, t], Wh.t(), linear)
-        _matmul(da_flat, Wx.t(), linear)
-        _matmul(x_flat.t(), da_flat, linear)
-        _matmul(h_flat.t(), da_flat, linear)
+            matmul(da[:, t], Wh.t(), op)
+        matmul(da_flat, Wx.t(), op)
+        matmul(x_flat.t(), da_flat, op)
+        matmul(h_flat.t(), da_flat, op)
 
-    return with_torch_mm if linear is None else with_linear
+    return with_torch_mm if op is None else with_onednn
 
 
 def saved_bytes(forward: Callable[[], Tensor]) -> int:

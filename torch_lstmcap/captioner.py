@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lstm import LSTM, lstm_forward, lstm_step
+from .products import linear
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class Captioner(nn.Module):
         tied embedding matrix."""
         if image_term is not None:
             hidden = hidden + image_term
-        return F.linear(self.dropout(hidden), self.embedding.weight, self.output_bias)
+        return linear(self.dropout(hidden), self.embedding.weight, self.output_bias)
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, targets_only: bool = False

@@ -17,7 +17,8 @@ On CPU in float32 and float64, `LSTMSequenceFunction` runs the gate arithmetic o
 in a fused C++ kernel, built on first use with torch.utils.cpp_extension and cached by torch;
 the PyTorch operations it replaces stay as the reference the tests check it against, and run
 when the kernel cannot be built, for other dtypes and devices, and when the environment sets
-LSTMCAP_FUSED=0.
+LSTMCAP_FUSED=0. On CPU in float32 the matrix products go through oneDNN
+(`torch_lstmcap.products`), as torch.nn.LSTM's do; LSTMCAP_FUSED=0 puts them back on torch.mm.
 
 Both Functions compute in the dtype of their inputs. Under `torch.autocast` the public
 functions first cast every floating input to the autocast dtype, so the forward and the
@@ -36,6 +37,8 @@ import subprocess
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+
+from .products import PLAIN_PYTORCH_ENV, add_matmul_, linear_for, matmul
 
 __all__ = [
     "GATE_ORDER",
@@ -243,10 +246,9 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_FUSED_ENV = "LSTMCAP_FUSED"
+_FUSED_ENV = PLAIN_PYTORCH_ENV
 # Limitation: the fused kernel is CPU-only and float32/float64-only; bfloat16 and CUDA run the
-# gate arithmetic as separate PyTorch operations. Even fused, forward+backward on 2 CPU cores
-# takes 1.12-1.17x the time of its matrix products alone (torch.nn.LSTM: about 1.07x).
+# gate arithmetic as separate PyTorch operations.
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -290,49 +292,6 @@ def _fused_ops() -> object | None:
         )
         return None
     return getattr(torch.ops, name)
-
-
-@functools.cache
-def _onednn_linear() -> object | None:
-    """oneDNN's matrix product as torch exposes it (``linear(a, w, bias, ...) = a @ w^T +
-    bias``, any strides), or None where this torch build lacks it."""
-    if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def _onednn_linear_for(x: Tensor) -> object | None:
-    """oneDNN's product when it applies to x: CPU, float32, not disabled by LSTMCAP_FUSED=0.
-
-    torch.mm on the CPU calls MKL, which on AMD processors runs its AVX2 code even where the
-    CPU has AVX-512; oneDNN picks its kernels by the CPU's instruction set alone. On the
-    2-core AMD EPYC development machine its products take 0.45x the time of torch.mm's at
-    the LSTM's shapes (torch.nn.LSTM already runs on oneDNN). On Intel processors the two are
-    level.
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    if os.environ.get(_FUSED_ENV, "1") == "0":
-        return None
-    return _onednn_linear()
-
-
-def _matmul(a: Tensor, b: Tensor, linear: object | None, bias: Tensor | None = None) -> Tensor:
-    """a @ b (+ bias): a (M, K), b (K, P), bias (P,) -> (M, P), through oneDNN's ``linear``
-    from _onednn_linear_for, or torch's own product when it is None."""
-    if linear is not None:
-        return linear(a, b.t(), bias, "none", [], "")
-    return a @ b if bias is None else torch.addmm(bias, a, b)
-
-
-def _add_matmul_(out: Tensor, a: Tensor, b: Tensor, linear: object | None) -> Tensor:
-    """out += a @ b, in place."""
-    if linear is None:
-        return out.addmm_(a, b)
-    return out.add_(linear(a, b.t(), None, "none", [], ""))
 
 
 def _fused_ops_for(x: Tensor) -> object | None:
@@ -443,19 +402,19 @@ class LSTMStepFunction(torch.autograd.Function):
         _check("prev_h", prev_h, "(N, H)", (N, H), x)
         _check("prev_c", prev_c, "(N, H)", (N, H), x)
 
-        linear = _onednn_linear_for(x)
+        product = linear_for(x)
         with _autocast_off(x.device):
             if projected:
-                gates = _add_matmul_(x.clone(), prev_h, Wh, linear)  # (N, 4H)
+                gates = add_matmul_(x.clone(), prev_h, Wh, product)  # (N, 4H)
             else:
-                gates = _add_matmul_(_matmul(x, Wx, linear, b), prev_h, Wh, linear)
+                gates = add_matmul_(matmul(x, Wx, product, b), prev_h, Wh, product)
             _activate_gates_(gates)
             i, f, o, g = split_gates(gates)
             next_c = torch.addcmul(f * prev_c, i, g)
             tanh_next_c = next_c.tanh()
             next_h = o * tanh_next_c
 
-        ctx.linear = linear
+        ctx.product = product
         ctx.save_for_backward(x, prev_h, prev_c, Wx, Wh, gates, tanh_next_c)
         return next_h, next_c
 
@@ -497,15 +456,15 @@ class LSTMStepFunction(torch.autograd.Function):
 
             # a = x @ Wx + prev_h @ Wh + b, so each gradient is one matrix product; with Wx
             # and b None, a = x + prev_h @ Wh and dx = da.
-            linear = ctx.linear
+            product = ctx.product
             if need_x:
-                grad_x = da if Wx is None else _matmul(da, Wx.t(), linear)
+                grad_x = da if Wx is None else matmul(da, Wx.t(), product)
             if need_prev_h:
-                grad_prev_h = _matmul(da, Wh.t(), linear)
+                grad_prev_h = matmul(da, Wh.t(), product)
             if need_Wx:
-                grad_Wx = _matmul(x.t(), da, linear)
+                grad_Wx = matmul(x.t(), da, product)
             if need_Wh:
-                grad_Wh = _matmul(prev_h.t(), da, linear)
+                grad_Wh = matmul(prev_h.t(), da, product)
             if need_b:
                 grad_b = da.sum(0)
             # next_c = f * prev_c + ...  ->  dprev_c = dnext_c * f
@@ -542,9 +501,9 @@ class LSTMSequenceFunction(torch.autograd.Function):
         _check("h0", h0, "(N, H)", (N, H), x)
         _check("c0", c0, "(N, H)", (N, H), x)
 
-        linear = _onednn_linear_for(x)
+        product = linear_for(x)
         with _autocast_off(x.device):
-            gates = _matmul(x.reshape(N * T, D), Wx, linear, b).view(N, T, 4 * H)
+            gates = matmul(x.reshape(N * T, D), Wx, product, b).view(N, T, 4 * H)
             # cells[:, t] is the cell state entering step t; the state after the last step,
             # c_n, is kept apart because the backward does not need it.
             cells = x.new_empty(N, T, H)
@@ -560,7 +519,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
             prev_h = h0
             for t in range(T):
                 a = gates[:, t]
-                _add_matmul_(a, prev_h, Wh, linear)
+                add_matmul_(a, prev_h, Wh, product)
                 next_c = cells[:, t + 1] if t + 1 < T else c_n
                 if fused is not None:
                     fused.forward_step(a, cells[:, t], next_c, tanh_cells[:, t], h[:, t])
@@ -574,7 +533,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 prev_h = h[:, t]
 
         ctx.fused_ops = fused
-        ctx.linear = linear
+        ctx.product = product
         ctx.save_for_backward(x, h0, Wx, Wh, gates, cells, tanh_cells)
         return h, h[:, -1].clone(), c_n
 
@@ -610,7 +569,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
             # few large operations, and the loop over time multiplies local by dc and dh in
             # place, turning it into da without a buffer of its own. The fused kernel computes
             # the same factors as it goes, in one pass per step, into a buffer for da.
-            fused, linear = ctx.fused_ops, ctx.linear
+            fused, product = ctx.fused_ops, ctx.product
             if fused is None:
                 local = torch.empty_like(gates)
                 local_i, local_f, local_o, local_g = split_gates(local)
@@ -636,10 +595,10 @@ class LSTMSequenceFunction(torch.autograd.Function):
             for t in reversed(range(T)):
                 if t == T - 1:
                     torch.add(grad_h[:, t], grad_h_n, out=dh)
-                elif linear is None:
+                elif product is None:
                     torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
                 else:
-                    torch.add(grad_h[:, t], _matmul(da[:, t + 1], Wh_t, linear), out=dh)
+                    torch.add(grad_h[:, t], matmul(da[:, t + 1], Wh_t, product), out=dh)
                 if fused is not None:
                     fused.backward_step(
                         gates[:, t], cells[:, t], tanh_cells[:, t], dh, dc, da[:, t]
@@ -657,9 +616,9 @@ class LSTMSequenceFunction(torch.autograd.Function):
             # [x | prev_h | 1]^T da, which reads da once and sums db on the way.
             da_flat = da.view(N * T, 4 * H)
             if need_x:
-                grad_x = _matmul(da_flat, Wx.t(), linear).view(N, T, D)
+                grad_x = matmul(da_flat, Wx.t(), product).view(N, T, D)
             if need_h0:
-                grad_h0 = _matmul(da[:, 0], Wh_t, linear)
+                grad_h0 = matmul(da[:, 0], Wh_t, product)
             if need_c0:
                 grad_c0 = dc
             widths = {"Wx": D * need_Wx, "Wh": H * need_Wh, "b": int(need_b)}
@@ -676,7 +635,7 @@ class LSTMSequenceFunction(torch.autograd.Function):
                     torch.mul(o[:, :-1], tanh_cells[:, :-1], out=prev_h[:, 1:])
                 if need_b:
                     columns["b"].fill_(1)
-                weight_grads = _matmul(left.t(), da_flat, linear)  # (D + H + 1, 4H), as needed
+                weight_grads = matmul(left.t(), da_flat, product)  # (D + H + 1, 4H), as needed
                 parts = weight_grads.split(list(widths.values()), dim=0)
                 grad_Wx, grad_Wh, grad_b = (
                     part if widths[name] else None for name, part in zip(widths, parts, strict=True)
