@@ -143,12 +143,15 @@ int64_t row_grain(int64_t H) {
 }
 
 // The loop of LSTMSequenceFunction.forward for one step t, row by row, with the equations of
-// the module docstring: activate a_t in place, then next_c = f * prev_c + i * g, tanh(next_c)
-// and next_h = o * tanh(next_c).
-void forward_step(const at::Tensor& gates, const at::Tensor& prev_c, const at::Tensor& next_c,
+// the module docstring: a_t = (x_t Wx + b) + prev_h Wh from its two parts, the input part
+// `gates` and the recurrent part; activate it into `gates`, then next_c = f * prev_c + i * g,
+// tanh(next_c) and next_h = o * tanh(next_c).
+void forward_step(const at::Tensor& gates, const at::Tensor& recurrent,
+                  const at::Tensor& prev_c, const at::Tensor& next_c,
                   const at::Tensor& tanh_next_c, const at::Tensor& next_h) {
   const int64_t N = gates.size(0), H = gates.size(1) / 4;
   check_rows(gates, gates, 4 * H, "gates");
+  check_rows(recurrent, gates, 4 * H, "recurrent");
   check_rows(prev_c, gates, H, "prev_c");
   check_rows(next_c, gates, H, "next_c");
   check_rows(tanh_next_c, gates, H, "tanh_next_c");
@@ -158,16 +161,17 @@ void forward_step(const at::Tensor& gates, const at::Tensor& prev_c, const at::T
     at::parallel_for(0, N, row_grain(H), [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         scalar_t* a = gates.data_ptr<scalar_t>() + n * gates.stride(0);
+        const scalar_t* r = recurrent.data_ptr<scalar_t>() + n * recurrent.stride(0);
         const scalar_t* c_in = prev_c.data_ptr<scalar_t>() + n * prev_c.stride(0);
         scalar_t* c_out = next_c.data_ptr<scalar_t>() + n * next_c.stride(0);
         scalar_t* tanh_c = tanh_next_c.data_ptr<scalar_t>() + n * tanh_next_c.stride(0);
         scalar_t* h_out = next_h.data_ptr<scalar_t>() + n * next_h.stride(0);
         for_each_chunk<scalar_t>(H, [&](int64_t j, int64_t count) {
           // Gate blocks i, f, o, g at [0, H), [H, 2H), [2H, 3H), [3H, 4H) (GATE_ORDER).
-          Vec i = sigmoid(Vec::loadu(a + j, count));
-          Vec f = sigmoid(Vec::loadu(a + H + j, count));
-          Vec o = sigmoid(Vec::loadu(a + 2 * H + j, count));
-          Vec g = tanh(Vec::loadu(a + 3 * H + j, count));
+          Vec i = sigmoid(Vec::loadu(a + j, count) + Vec::loadu(r + j, count));
+          Vec f = sigmoid(Vec::loadu(a + H + j, count) + Vec::loadu(r + H + j, count));
+          Vec o = sigmoid(Vec::loadu(a + 2 * H + j, count) + Vec::loadu(r + 2 * H + j, count));
+          Vec g = tanh(Vec::loadu(a + 3 * H + j, count) + Vec::loadu(r + 3 * H + j, count));
           Vec c = f * Vec::loadu(c_in + j, count) + i * g;
           Vec tanh_cv = tanh(c);
           i.store(a + j, count);
@@ -186,18 +190,21 @@ void forward_step(const at::Tensor& gates, const at::Tensor& prev_c, const at::T
 }
 
 // The loop of LSTMSequenceFunction.backward for one step t, row by row, from the activated
-// gates, c_{t-1}, tanh(c_t) and dh: dc += dh * o (1 - tanh(c_t)^2), the path through
-// h_t = o * tanh(c_t); then da = (dc * local_i, dc * local_f, dh * local_o, dc * local_g) with
-// the local factors derived in the backward's comments; then dc <- dc * f, the gradient
-// reaching c_{t-1}.
+// gates, c_{t-1}, tanh(c_t) and dh = grad_h + grad_h_next (the gradient of the output h_t and
+// the one through the step after, da_{t+1} Wh^T, as two parts): dc += dh * o (1 - tanh(c_t)^2),
+// the path through h_t = o * tanh(c_t); then da = (dc * local_i, dc * local_f, dh * local_o,
+// dc * local_g) with the local factors derived in the backward's comments; then dc <- dc * f,
+// the gradient reaching c_{t-1}.
 void backward_step(const at::Tensor& gates, const at::Tensor& prev_c,
                    const at::Tensor& tanh_next_c, const at::Tensor& grad_h,
-                   const at::Tensor& grad_c, const at::Tensor& grad_gates) {
+                   const at::Tensor& grad_h_next, const at::Tensor& grad_c,
+                   const at::Tensor& grad_gates) {
   const int64_t N = gates.size(0), H = gates.size(1) / 4;
   check_rows(gates, gates, 4 * H, "gates");
   check_rows(prev_c, gates, H, "prev_c");
   check_rows(tanh_next_c, gates, H, "tanh_next_c");
   check_rows(grad_h, gates, H, "grad_h");
+  check_rows(grad_h_next, gates, H, "grad_h_next");
   check_rows(grad_c, gates, H, "grad_c");
   check_rows(grad_gates, gates, 4 * H, "grad_gates");
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward_step", [&] {
@@ -209,6 +216,7 @@ void backward_step(const at::Tensor& gates, const at::Tensor& prev_c,
         const scalar_t* c_in = prev_c.data_ptr<scalar_t>() + n * prev_c.stride(0);
         const scalar_t* tanh_c = tanh_next_c.data_ptr<scalar_t>() + n * tanh_next_c.stride(0);
         const scalar_t* dh_row = grad_h.data_ptr<scalar_t>() + n * grad_h.stride(0);
+        const scalar_t* dh_next = grad_h_next.data_ptr<scalar_t>() + n * grad_h_next.stride(0);
         scalar_t* dc_row = grad_c.data_ptr<scalar_t>() + n * grad_c.stride(0);
         scalar_t* da = grad_gates.data_ptr<scalar_t>() + n * grad_gates.stride(0);
         for_each_chunk<scalar_t>(H, [&](int64_t j, int64_t count) {
@@ -217,7 +225,7 @@ void backward_step(const at::Tensor& gates, const at::Tensor& prev_c,
           Vec o = Vec::loadu(a + 2 * H + j, count);
           Vec g = Vec::loadu(a + 3 * H + j, count);
           Vec tanh_cv = Vec::loadu(tanh_c + j, count);
-          Vec dh = Vec::loadu(dh_row + j, count);
+          Vec dh = Vec::loadu(dh_row + j, count) + Vec::loadu(dh_next + j, count);
           // dc += dh * cell_from_h, cell_from_h = o (1 - tanh(c_t)^2)
           Vec dc = Vec::loadu(dc_row + j, count) + dh * o * (one - tanh_cv * tanh_cv);
           // local_i = g i (1 - i)
@@ -239,10 +247,10 @@ void backward_step(const at::Tensor& gates, const at::Tensor& prev_c,
 }  // namespace
 
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
-  m.def("forward_step(Tensor(a!) gates, Tensor prev_c, Tensor(b!) next_c, "
+  m.def("forward_step(Tensor(a!) gates, Tensor recurrent, Tensor prev_c, Tensor(b!) next_c, "
         "Tensor(c!) tanh_next_c, Tensor(d!) next_h) -> ()", &forward_step);
   m.def("backward_step(Tensor gates, Tensor prev_c, Tensor tanh_next_c, Tensor grad_h, "
-        "Tensor(a!) grad_c, Tensor(b!) grad_gates) -> ()", &backward_step);
+        "Tensor grad_h_next, Tensor(a!) grad_c, Tensor(b!) grad_gates) -> ()", &backward_step);
 }
 """
 
@@ -254,10 +262,14 @@ _FUSED_DTYPES = (torch.float32, torch.float64)
 
 def _fused_cflags() -> list[str]:
     """Compiler flags: optimised, OpenMP for at::parallel_for (torch's own OpenMP runtime runs
-    it), and AVX2 vectors when the CPU has them (ATen's vector types then use AVX2 and Sleef's
-    exp from libtorch)."""
+    it), and the widest vectors torch itself uses on this CPU, AVX-512 or AVX2 (ATen's vector
+    types then use them, with Sleef's exp from libtorch)."""
     flags = ["-O3", "-fopenmp"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        avx512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+        return [*flags, *avx512, "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if capability == "AVX2":
         return [*flags, "-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return [*flags, "-DCPU_CAPABILITY=DEFAULT"]
 
@@ -404,8 +416,10 @@ class LSTMStepFunction(torch.autograd.Function):
 
         product = linear_for(x)
         with _autocast_off(x.device):
-            if projected:
-                gates = add_matmul_(x.clone(), prev_h, Wh, product)  # (N, 4H)
+            if projected and product is None:
+                gates = torch.addmm(x, prev_h, Wh)  # (N, 4H)
+            elif projected:
+                gates = matmul(prev_h, Wh, product).add_(x)
             else:
                 gates = add_matmul_(matmul(x, Wx, product, b), prev_h, Wh, product)
             _activate_gates_(gates)
@@ -519,11 +533,13 @@ class LSTMSequenceFunction(torch.autograd.Function):
             prev_h = h0
             for t in range(T):
                 a = gates[:, t]
-                add_matmul_(a, prev_h, Wh, product)
                 next_c = cells[:, t + 1] if t + 1 < T else c_n
                 if fused is not None:
-                    fused.forward_step(a, cells[:, t], next_c, tanh_cells[:, t], h[:, t])
+                    # The kernel adds the recurrent part prev_h Wh to a as it reads it.
+                    recurrent = matmul(prev_h, Wh, product)
+                    fused.forward_step(a, recurrent, cells[:, t], next_c, tanh_cells[:, t], h[:, t])
                 else:
+                    add_matmul_(a, prev_h, Wh, product)
                     _activate_gates_(a)
                     i, f, o, g = split_gates(a)
                     torch.mul(f, cells[:, t], out=next_c)
@@ -588,22 +604,32 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 local_if = local[..., _INPUT_GATE * H : (_FORGET_GATE + 1) * H]
             else:
                 da = torch.empty_like(gates)
+                # The kernel reads rows with unit stride.
+                grad_h, grad_h_n = grad_h.contiguous(), grad_h_n.contiguous()
 
             dc = grad_c_n.clone(memory_format=torch.contiguous_format)
-            dh = torch.empty_like(dc)
+            dh = torch.empty_like(dc) if fused is None else None
             Wh_t = Wh.t()
             for t in reversed(range(T)):
-                if t == T - 1:
-                    torch.add(grad_h[:, t], grad_h_n, out=dh)
-                elif product is None:
-                    torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
-                else:
-                    torch.add(grad_h[:, t], matmul(da[:, t + 1], Wh_t, product), out=dh)
                 if fused is not None:
+                    # The kernel adds the two parts of dh as it reads them.
+                    grad_h_next = grad_h_n if t == T - 1 else matmul(da[:, t + 1], Wh_t, product)
                     fused.backward_step(
-                        gates[:, t], cells[:, t], tanh_cells[:, t], dh, dc, da[:, t]
+                        gates[:, t],
+                        cells[:, t],
+                        tanh_cells[:, t],
+                        grad_h[:, t],
+                        grad_h_next,
+                        dc,
+                        da[:, t],
                     )
                 else:
+                    if t == T - 1:
+                        torch.add(grad_h[:, t], grad_h_n, out=dh)
+                    elif product is None:
+                        torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
+                    else:
+                        torch.add(grad_h[:, t], matmul(da[:, t + 1], Wh_t, product), out=dh)
                     dc.addcmul_(dh, cell_from_h[:, t])
                     local_if[:, t].view(N, 2, H).mul_(dc.unsqueeze(1))
                     local_g[:, t].mul_(dc)
