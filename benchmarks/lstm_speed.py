@@ -7,10 +7,12 @@ Every implementation runs the same layer (same weights, inputs and output gradie
 process, in interleaved rounds so that load from other processes falls on all of them alike:
 
     lstm_forward                 torch_lstmcap.lstm_forward (hand-written sequence backward)
-                                 with its fused CPU gate kernel (if the kernel cannot be built,
-                                 the library logs a warning and this is the next line again)
+                                 with its fused CPU gate kernel and oneDNN products (if the
+                                 kernel cannot be built, the library logs a warning and runs
+                                 the gate arithmetic in PyTorch operations)
     lstm_forward (PyTorch path)  the same with LSTMCAP_FUSED=0: the gate arithmetic in PyTorch
-                                 operations, the reference the fused kernel is tested against
+                                 operations and the products through torch.mm, the reference
+                                 the fused path is tested against
     nn.LSTM                      torch.nn.LSTM, batch first
     nn.LSTMCell loop             torch.nn.LSTMCell called once per step from Python
     autograd                     the math of lstm_forward in plain PyTorch ops, autograd's backward
