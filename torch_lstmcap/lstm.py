@@ -287,7 +287,15 @@ def _fused_ops() -> object | None:
     name = f"torch_lstmcap_gates_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     logger.info("loading the fused LSTM kernel %s (built on first use)", name)
     try:
-        from torch.utils.cpp_extension import load_inline
+        # On a machine without CUDA, importing torch's extension builder warns that it found no
+        # CUDA runtime; this kernel is CPU-only, so the warning says nothing to the user.
+        builder_log = logging.getLogger("torch.utils.cpp_extension")
+        level = builder_log.level
+        builder_log.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load_inline
+        finally:
+            builder_log.setLevel(level)
 
         # The kernel includes only the ATen headers it needs: torch/extension.h alone would
         # take most of a minute to compile.
