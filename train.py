@@ -400,6 +400,7 @@ def train(args, runtime: Distributed) -> int:
         resumed = load_checkpoint(last_path)
         if resumed.training is None:
             raise CheckpointError(f"--resume: {last_path} holds no training state")
+        check_resume_settings(args, resumed)
     else:
         # A new run here would overwrite the old run's checkpoints and mix the two logs.
         existing = [path.name for path in (last_path, best_path) if path.exists()]
@@ -554,7 +555,15 @@ def train(args, runtime: Distributed) -> int:
             if device.type == "cuda":
                 # Dropout on the GPU draws from the device's generator, not the CPU one.
                 training["cuda_rng"] = torch.cuda.get_rng_state(device)
-            save_run(args, last_path, model, vocab, encoder, training=training)
+            save_run(
+                args,
+                last_path,
+                model,
+                vocab,
+                encoder,
+                training=training,
+                extra={"args": _args_json(args)},
+            )
             plot_history(read_metrics(metrics_path), args.out / "metrics.png")
             write_sample_page(
                 args.out / "samples.html", val_split.records, predictions, f"epoch {epoch}"
@@ -615,6 +624,8 @@ def evaluate_checkpoint(args) -> int:
         # Checked before the split is decoded, which can take a while.
         if args.metrics_out.is_dir():
             raise DatasetError(f"--metrics-out {args.metrics_out} is a folder, not a file")
+        if args.metrics_out.exists() and args.metrics_out.samefile(args.checkpoint):
+            raise DatasetError(f"--metrics-out {args.metrics_out} is the checkpoint being scored")
         args.metrics_out.parent.mkdir(parents=True, exist_ok=True)
     encoder = build_encoder(checkpoint.encoder.name)
     encoder.preprocessing = checkpoint.encoder.preprocessing
@@ -654,6 +665,31 @@ def evaluate_checkpoint(args) -> int:
     return 0
 
 
+# Settings a resumed run must keep: the features, the optimizer's parameter groups and the
+# loss all depend on them.
+RESUME_SETTINGS = ("encoder", "fine_tune_encoder", "objective")
+
+
+def check_resume_settings(args, resumed) -> None:
+    """Refuse to --resume a run with settings that change what it trains."""
+    saved_args = resumed.extra.get("args")
+    started = {
+        **(saved_args if isinstance(saved_args, dict) else {}),
+        "encoder": resumed.encoder.name,
+    }
+    for key in RESUME_SETTINGS:
+        if key in started and started[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            if isinstance(started[key], bool):
+                setting = f"{'with' if started[key] else 'without'} {flag}"
+            else:
+                setting = f"with {flag} {started[key]}, not {getattr(args, key)}"
+            raise CheckpointError(
+                f"--resume: the run in {args.out} was started {setting}; resume it with the "
+                "same setting"
+            )
+
+
 def _args_json(args) -> dict:
     return {
         key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
@@ -677,14 +713,28 @@ def check_ranges(parser: argparse.ArgumentParser, args) -> None:
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
+    if args.warmup_steps < 0:
+        parser.error(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
+    if not 0 <= args.seed < 2**32:
+        parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not (args.lr > 0 and np.isfinite(args.lr)):
-        parser.error(f"--lr must be a positive number, got {args.lr}")
+    if not 0 <= args.label_smoothing < 1:
+        parser.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    positive = {"--lr": args.lr, "--encoder-lr": args.encoder_lr, "--clip-norm": args.clip_norm}
+    for flag, value in positive.items():
+        if not (value > 0 and np.isfinite(value)):
+            parser.error(f"{flag} must be a positive number, got {value}")
+    not_negative = {"--weight-decay": args.weight_decay, "--length-penalty": args.length_penalty}
+    for flag, value in not_negative.items():
+        if value is not None and not (value >= 0 and np.isfinite(value)):
+            parser.error(f"{flag} must be a number of at least 0, got {value}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
         parser.error(f"--device {args.device!r} is not a device; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r} is not supported; use cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but no CUDA GPU is available")
 

@@ -257,8 +257,16 @@ def test_missing_and_unexpected_weights(tmp_path, saved):
 
 @pytest.mark.parametrize(
     "config_change",
-    [{"hidden_size": "16"}, {"hidden_size": -3}, {"dropout": 2.0}, {"pad_id": VOCAB_SIZE + 9}],
-    ids=["string", "negative", "dropout", "pad-id-out-of-range"],
+    [
+        {"hidden_size": "16"},
+        {"hidden_size": -3},
+        {"hidden_size": 0},
+        {"dropout": 2.0},
+        {"dropout": float("nan")},
+        {"pad_id": VOCAB_SIZE + 9},
+        {"image_at_output": "yes"},
+    ],
+    ids=["string", "negative", "zero", "dropout", "dropout-nan", "pad-id-out-of-range", "merge"],
 )
 def test_unusable_config(tmp_path, saved, config_change):
     path, model = saved
@@ -359,8 +367,13 @@ def test_other_format_version(tmp_path, saved):
                 {"image_size": 224, "mean": [0.5] * 2, "std": [0.25] * 3},
                 {"image_size": 224, "mean": "abc", "std": [0.25] * 3},
                 {"image_size": 224, "mean": [0.5] * 3, "std": [0.0] * 3},
+                {"image_size": 8, "mean": [0.5] * 3, "std": [0.25] * 3},
+                {"image_size": 224, "mean": [0.5] * 3, "std": [1e-300] * 3},
+                {"image_size": 224, "mean": [1e300] * 3, "std": [0.25] * 3},
             )
         ),
+        {"vocab": "[" * 100_000 + "]" * 100_000},
+        {"extra": "[1, 2]"},
         {"config": "{not json"},
         {"config": json.dumps({"vocab_size": VOCAB_SIZE, "layers": 2})},
         {"training": json.dumps({"__tensor__": "training/99"})},
@@ -375,6 +388,11 @@ def test_other_format_version(tmp_path, saved):
         "two-means",
         "mean-string",
         "std-zero",
+        "image-size-8",
+        "std-tiny",
+        "mean-huge",
+        "deeply-nested",
+        "extra-not-an-object",
         "bad-config",
         "unknown-config-field",
         "dangling-tensor",

@@ -321,6 +321,11 @@ def test_karpathy_flickr8k_entries_have_no_filepath(tmp_path):
 
     assert item.image_id == "1000268201_693b08cb0e.jpg"
     assert item.image_path == photo
+    # A filepath or cocoid of the wrong type makes the entry malformed, not a crash.
+    for field, value in (("filepath", 5), ("cocoid", [1, 2])):
+        json_path.write_text(json.dumps({"images": [{**images[0], field: value}]}))
+        with pytest.raises(DatasetError, match="1 malformed entry"):
+            load_dataset("karpathy", tmp_path / "photos", "train", split_file=json_path)
     with pytest.raises(DatasetError, match="needs a split file"):
         load_dataset("karpathy", tmp_path / "photos", "train")
 
@@ -432,6 +437,9 @@ def test_csv_errors(tmp_path):
     (tmp_path / "captions.csv").write_text("image,caption\ngone.jpg,A photograph nobody kept\n")
     with pytest.raises(DatasetError, match="no usable images"):
         load_dataset("csv", tmp_path, "train")
+    (tmp_path / "huge.csv").write_text('image,caption\na.jpg,"' + "word " * 30_000 + '"\n')
+    with pytest.raises(DatasetError, match=r"huge.csv: line 2: field larger than field limit"):
+        read_csv(tmp_path / "huge.csv", tmp_path)
 
 
 def test_load_dataset_rejects_unknown_names(tmp_path):

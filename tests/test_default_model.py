@@ -69,3 +69,15 @@ def test_mentions_the_subject_humans_agree_on(captioner, dev_records, subject, w
     captions = [result.captions[0].text for result in results]
     mentioned = [bool(words & set(tokenize(caption))) for caption in captions]
     assert sum(mentioned) >= 7, list(zip([r.image_id for r in records], captions, strict=True))
+
+
+def test_caption_files_takes_one_path_as_one_file_and_refuses_a_batch_size_of_zero(
+    captioner, dev_records
+):
+    path = dev_records[0].image_path
+    [single] = list(captioner.caption_files(str(path)))
+    [from_list] = list(captioner.caption_files([path]))
+    assert single.error is None
+    assert single.captions[0].text == from_list.captions[0].text
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        list(captioner.caption_files([path], batch_size=0))

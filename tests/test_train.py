@@ -316,6 +316,14 @@ def test_resume_without_a_checkpoint_fails_before_computing_features(tmp_path, m
         (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
         (["--lr", "nan"], "--lr must be a positive number, got nan"),
         (["--device", "tpu"], "--device 'tpu' is not a device"),
+        (["--device", "meta"], "--device 'meta' is not supported; use cpu or cuda"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--label-smoothing", "2"], "--label-smoothing must be in [0, 1), got 2.0"),
+        (["--weight-decay", "-1"], "--weight-decay must be a number of at least 0, got -1.0"),
+        (["--length-penalty", "nan"], "--length-penalty must be a number of at least 0, got nan"),
+        (["--clip-norm", "-1"], "--clip-norm must be a positive number, got -1.0"),
+        (["--encoder-lr", "0"], "--encoder-lr must be a positive number, got 0.0"),
+        (["--warmup-steps", "-3"], "--warmup-steps must be at least 0, got -3"),
     ],
 )
 def test_out_of_range_options_are_one_line_usage_errors(tmp_path, capsys, option, message):
@@ -411,6 +419,48 @@ def test_eval_only_checks_metrics_out_before_decoding(trained, tmp_path, monkeyp
     )  # fmt: skip
     assert status == 1
     assert stderr.splitlines() == [f"error: --metrics-out {tmp_path} is a folder, not a file"]
+
+
+@pytest.mark.slow
+def test_eval_only_refuses_to_write_metrics_over_the_checkpoint(trained, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    shutil.copyfile(trained.best, checkpoint)
+    status, _, stderr = run_main(
+        [
+            "--eval-only", "--checkpoint", str(checkpoint), "--data-format", "flickr8k",
+            "--data-root", str(FLICKR8K), "--metrics-out", str(checkpoint), "--quiet",
+        ]
+    )  # fmt: skip
+    assert status == 1
+    assert stderr.splitlines() == [
+        f"error: --metrics-out {checkpoint} is the checkpoint being scored"
+    ]
+    assert checkpoint.read_bytes() == trained.best.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "change, setting",
+    [
+        (["--encoder", "efficientnet-lite1"], "with --encoder efficientnet-lite0, not "),
+        (["--fine-tune-encoder"], "without --fine-tune-encoder"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_and_keeps_the_run(
+    trained, tmp_path, monkeypatch, change, setting
+):
+    run = tmp_path / "run"
+    shutil.copytree(trained.run, run)
+    before = (run / "last.safetensors").read_bytes()
+    monkeypatch.setattr(train, "build_encoder", lambda name: pytest.fail("encoder was built"))
+    status, _, stderr = run_main([*flickr8k_args(run, tmp_path), "--resume", *change])
+    assert status == 1
+    assert stderr.splitlines() == [
+        f"error: --resume: the run in {run} was started {setting}"
+        + ("efficientnet-lite1" if "--encoder" in change else "")
+        + "; resume it with the same setting"
+    ]
+    assert (run / "last.safetensors").read_bytes() == before
 
 
 @pytest.mark.slow

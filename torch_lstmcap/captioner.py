@@ -45,6 +45,27 @@ class CaptionerConfig:
     def from_dict(cls, values: dict) -> CaptionerConfig:
         return cls(**values)
 
+    def check(self) -> None:
+        """Refuse values no model can be built from (a checkpoint header is checked, not
+        trusted).
+
+        Raises:
+            ValueError: sizes below 1, a dropout outside [0, 1), a pad id outside the
+                vocabulary.
+        """
+        for name in ("vocab_size", "feature_dim", "hidden_size", "pad_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer of at least 0: {value!r}")
+        if min(self.vocab_size, self.feature_dim, self.hidden_size) < 1:
+            raise ValueError("vocab_size, feature_dim and hidden_size must be at least 1")
+        if not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1): {self.dropout!r}")
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id {self.pad_id} is outside the vocabulary")
+        if not isinstance(self.image_at_output, bool):
+            raise ValueError(f"image_at_output must be true or false: {self.image_at_output!r}")
+
 
 class Captioner(nn.Module):
     """LSTM caption decoder over pooled image features.
@@ -56,6 +77,7 @@ class Captioner(nn.Module):
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
+        config.check()
         self.config = config
         size = config.hidden_size
         self.feature_norm = nn.LayerNorm(config.feature_dim)

@@ -224,7 +224,7 @@ def load_checkpoint(
     if "training" in metadata:
         try:
             training = _unpack(json.loads(metadata["training"]), tensors)
-        except (KeyError, ValueError, TypeError) as error:
+        except (KeyError, ValueError, TypeError, RecursionError) as error:
             raise CheckpointError(
                 f"{path}: damaged training state ({type(error).__name__}: {_one_line(error)})"
             ) from None
@@ -241,7 +241,7 @@ def load_checkpoint(
 def _parse_header(path: Path, metadata: dict) -> dict:
     try:
         file_format = json.loads(metadata["format"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise CheckpointError(
             f"{path}: not a {FORMAT_NAME} checkpoint (no format header)"
         ) from None
@@ -253,13 +253,16 @@ def _parse_header(path: Path, metadata: dict) -> dict:
             f"(this version reads {FORMAT_VERSION})"
         )
     try:
-        return {
+        header = {
             "vocab": Vocabulary.from_json(json.loads(metadata["vocab"])),
             "encoder": EncoderInfo.from_dict(json.loads(metadata["encoder"])),
             "config": CaptionerConfig.from_dict(json.loads(metadata["config"])),
             "extra": json.loads(metadata.get("extra", "{}")),
         }
-    except (KeyError, ValueError, TypeError) as error:
+        if not isinstance(header["extra"], dict):
+            raise TypeError("extra is not a JSON object")
+        return header
+    except (KeyError, ValueError, TypeError, RecursionError) as error:
         raise CheckpointError(
             f"{path}: damaged header ({type(error).__name__}: {_one_line(error)})"
         ) from None

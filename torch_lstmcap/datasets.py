@@ -237,7 +237,11 @@ def read_karpathy(
     paths: dict[str, Path] = {}
     captions: dict[str, list[str]] = defaultdict(list)
     for entry in _json_list(data, "images", label):
-        if not _has_fields(entry, filename=str, split=str, sentences=list):
+        if (
+            not _has_fields(entry, filename=str, split=str, sentences=list)
+            or not isinstance(entry.get("filepath", ""), str)
+            or not isinstance(entry.get("cocoid", ""), int | str)
+        ):
             skipped[_MALFORMED_ENTRY] += 1
             continue
         entry_split = _SPLIT_VALUES.get(entry["split"])
@@ -280,7 +284,11 @@ def read_csv(
     if not lines:
         raise DatasetError(f"{label}: the file is empty: {csv_path}")
     delimiter = next((d for d in _CSV_DELIMITERS if d in lines[0]), ",")
-    rows = csv.reader(lines, delimiter=delimiter)
+    reader = csv.reader(lines, delimiter=delimiter)
+    try:
+        rows = iter(list(reader))
+    except csv.Error as error:
+        raise DatasetError(f"{label}: line {reader.line_num}: {error}") from None
     header = [name.strip().lower() for name in next(rows)]
     image_column = _csv_column(header, _CSV_IMAGE_COLUMNS, label)
     caption_column = _csv_column(header, _CSV_CAPTION_COLUMNS, label)

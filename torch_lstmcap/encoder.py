@@ -64,6 +64,8 @@ MAX_IMAGE_PIXELS = 100_000_000
 # The largest encoder input side a checkpoint may ask for; real encoders use 224 to 300, and a
 # damaged header asking for 100000 would allocate 120 GB per batch of 16.
 MAX_INPUT_SIZE = 2048
+# The smallest: the encoders halve their input five times.
+MIN_INPUT_SIZE = 32
 
 # PIL warns about large images from inside Image.open, before this module can apply its own
 # limit. The warning is silenced around that call only, and warnings.catch_warnings swaps
@@ -95,21 +97,26 @@ class Preprocessing:
         """Read what :meth:`to_dict` wrote; a checkpoint header is checked, not trusted.
 
         Raises:
-            ValueError: a size outside 1..MAX_INPUT_SIZE, or a mean or std that is not three
-                finite numbers (std above zero).
+            ValueError: a size outside MIN_INPUT_SIZE..MAX_INPUT_SIZE, or a mean or std that is
+                not three numbers of the scale of pixel values (mean within +-10, std from
+                0.001 to 10).
         """
         size, mean, std = values["image_size"], values["mean"], values["std"]
-        if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_INPUT_SIZE:
-            raise ValueError(f"image_size must be an integer from 1 to {MAX_INPUT_SIZE}: {size!r}")
-        for name, triple in (("mean", mean), ("std", std)):
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE
+        ):
+            raise ValueError(
+                f"image_size must be an integer from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE}: {size!r}"
+            )
+        for name, triple, low, high in (("mean", mean, -10, 10), ("std", std, 1e-3, 10)):
             if not (
                 isinstance(triple, list | tuple)
                 and len(triple) == 3
-                and all(_is_finite_number(value) for value in triple)
+                and all(_is_finite_number(value) and low <= value <= high for value in triple)
             ):
-                raise ValueError(f"{name} must be three finite numbers: {triple!r}")
-        if min(std) <= 0:
-            raise ValueError(f"std must be above zero: {std!r}")
+                raise ValueError(f"{name} must be three numbers from {low} to {high}: {triple!r}")
         return cls(size, tuple(mean), tuple(std))
 
 

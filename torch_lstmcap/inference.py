@@ -158,7 +158,13 @@ class ImageCaptioner:
         The encoder's features are gathered until at least DECODE_GROUP photographs wait, and
         beam search runs on all of them at once: a decoding step reads the same weights for
         a few rows or for a few hundred, so fewer, larger steps cost less per photograph.
+
+        paths: file paths; a single path is one file.
         """
+        if isinstance(paths, str | os.PathLike):
+            paths = [paths]
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         bar = None
         if progress:
             from tqdm import tqdm
