@@ -249,7 +249,7 @@ def _parse_header(path: Path, metadata: dict) -> dict:
         raise CheckpointError(f"{path}: not a {FORMAT_NAME} checkpoint")
     if file_format.get("version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format version {file_format.get('version')} is not supported "
+            f"{path}: format version {file_format.get('version')!r} is not supported "
             f"(this version reads {FORMAT_VERSION})"
         )
     try:
