@@ -61,7 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds of the folder")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the folder")
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--cold-repeats", type=int, default=5, help="cold starts of each kind")
     parser.add_argument(
