@@ -120,10 +120,7 @@ class ImageCaptioner:
         results = beam_search(
             self.model,
             features,
-            start_id=self.vocab.start_id,
-            end_id=self.vocab.end_id,
-            unk_id=self.vocab.unk_id,
-            pad_id=self.vocab.pad_id,
+            **self.vocab.special_ids,
             beam_size=beam_size,
             max_length=max_length,
             length_penalty=length_penalty,

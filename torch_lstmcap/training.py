@@ -360,10 +360,7 @@ def train_self_critical_epoch(
         sampled = sample_captions(
             captioner,
             image_features,
-            start_id=vocab.start_id,
-            end_id=vocab.end_id,
-            unk_id=vocab.unk_id,
-            pad_id=vocab.pad_id,
+            **vocab.special_ids,
             max_length=max_length,
         )  # (S, T), S = len(images) * samples_per_image
         words = [
@@ -424,10 +421,7 @@ def caption_features(
         results = beam_search(
             model,
             batch,
-            start_id=vocab.start_id,
-            end_id=vocab.end_id,
-            unk_id=vocab.unk_id,
-            pad_id=vocab.pad_id,
+            **vocab.special_ids,
             beam_size=beam_size,
             max_length=max_length,
             **options,

@@ -49,6 +49,16 @@ class Vocabulary:
 
     pad_id, start_id, end_id, unk_id = range(len(SPECIALS))
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The ids decoding needs, as the keyword arguments of beam_search and friends."""
+        return {
+            "start_id": self.start_id,
+            "end_id": self.end_id,
+            "unk_id": self.unk_id,
+            "pad_id": self.pad_id,
+        }
+
     def __init__(self, words: Iterable[str]) -> None:
         words = tuple(words)
         if words[: len(SPECIALS)] != SPECIALS:
