@@ -776,7 +776,9 @@ def main(argv=None) -> int:
             return evaluate_checkpoint(args)
         runtime = setup_distributed(args)
         if runtime.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
+            # A run to --resume already has its folder; a missing one is reported in train().
+            if not args.resume:
+                args.out.mkdir(parents=True, exist_ok=True)
         else:
             # Every rank reads the same data; one copy of the log is enough.
             logging.getLogger().setLevel(logging.WARNING)

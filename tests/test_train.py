@@ -304,6 +304,7 @@ def test_resume_without_a_checkpoint_fails_before_computing_features(tmp_path, m
         stderr.strip()
         == f"error: --resume: {tmp_path / 'new' / 'last.safetensors'} does not exist yet"
     )
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
