@@ -4,7 +4,8 @@ torch.mm and F.linear on the CPU call MKL, which on AMD processors runs its AVX2
 where the CPU has AVX-512; oneDNN (which torch.nn.LSTM and the convolutions already use)
 picks its kernels by the instruction set alone. On the 2-core AMD EPYC development machine
 oneDNN's products take 0.45-0.5x the time of MKL's at the LSTM's and the output layer's
-shapes; on Intel processors the two are level.
+shapes. On Intel processors MKL runs its AVX-512 code and the gap should be small (not
+measured).
 
 `linear_for(x)` says whether oneDNN applies to x (CPU, float32, not switched off by
 LSTMCAP_FUSED=0, the switch that puts the whole package on plain PyTorch operations);
