@@ -706,6 +706,7 @@ def check_ranges(parser: argparse.ArgumentParser, args) -> None:
         "--max-length": (args.max_length, 1),
         "--min-count": (args.min_count, 1),
         "--patience": (args.patience, 1),
+        "--warmup-steps": (args.warmup_steps, 0),
         "--samples-per-image": (args.samples_per_image, 2),
         "--max-images": (args.max_images, 1),
         "--max-val-images": (args.max_val_images, 1),
@@ -713,8 +714,6 @@ def check_ranges(parser: argparse.ArgumentParser, args) -> None:
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
             parser.error(f"{flag} must be at least {low}, got {value}")
-    if args.warmup_steps < 0:
-        parser.error(f"--warmup-steps must be at least 0, got {args.warmup_steps}")
     if not 0 <= args.seed < 2**32:
         parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
     if not 0 <= args.dropout < 1:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch_lstmcap.lstm import LSTM, lstm_forward, split_gates  # noqa: E402
-from torch_lstmcap.products import matmul, onednn_linear  # noqa: E402
+from torch_lstmcap.products import add_matmul_, matmul, onednn_linear  # noqa: E402
 
 IMPLEMENTATIONS = (
     "lstm_forward",
@@ -189,35 +189,19 @@ def fused_kernel_disabled():
 def matmul_floor(
     x: Tensor, h0: Tensor, Wx: Tensor, Wh: Tensor, op: object | None
 ) -> Callable[[], None]:
-    """The matrix products of an LSTM's forward and backward: through the oneDNN op when it is
-    given (as torch_lstmcap.products runs them), else through torch.mm into preallocated
-    buffers."""
+    """The matrix products of an LSTM's forward and backward, as torch_lstmcap.products runs
+    them: through the oneDNN op when it is given, else through torch.mm."""
     N, T, D = x.shape
     H = Wh.shape[0]
-    gates = torch.empty(N, T, 4 * H)
     da = torch.randn(N, T, 4 * H)
     h = torch.randn(N, T, H)
     x_flat, da_flat, h_flat = x.view(N * T, D), da.view(N * T, 4 * H), h.view(N * T, H)
 
-    def with_torch_mm() -> None:
-        dh, dx = torch.empty(N, H), torch.empty(N * T, D)
-        dWx, dWh = torch.empty(D, 4 * H), torch.empty(H, 4 * H)
-        torch.mm(x_flat, Wx, out=gates.view(N * T, 4 * H))
+    def step() -> None:
+        gates = matmul(x_flat, Wx, op).view(N, T, 4 * H)
         prev_h = h0
         for t in range(T):
-            gates[:, t].addmm_(prev_h, Wh)
-            prev_h = h[:, t]
-        for t in reversed(range(T)):
-            torch.mm(da[:, t], Wh.t(), out=dh)
-        torch.mm(da_flat, Wx.t(), out=dx)
-        torch.mm(x_flat.t(), da_flat, out=dWx)
-        torch.mm(h_flat.t(), da_flat, out=dWh)
-
-    def with_onednn() -> None:
-        projected = matmul(x_flat, Wx, op).view(N, T, 4 * H)
-        prev_h = h0
-        for t in range(T):
-            projected[:, t].add_(matmul(prev_h, Wh, op))
+            add_matmul_(gates[:, t], prev_h, Wh, op)
             prev_h = h[:, t]
         for t in reversed(range(T)):
             matmul(da[:, t], Wh.t(), op)
@@ -225,7 +209,7 @@ def matmul_floor(
         matmul(x_flat.t(), da_flat, op)
         matmul(h_flat.t(), da_flat, op)
 
-    return with_torch_mm if op is None else with_onednn
+    return step
 
 
 def saved_bytes(forward: Callable[[], Tensor]) -> int:

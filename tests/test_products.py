@@ -79,7 +79,7 @@ def test_linear_falls_back_to_f_linear(case, monkeypatch):
 
 
 @needs_onednn
-def test_matmul_and_add_matmul_match_torch_for_transposed_operands():
+def test_matmul_addmm_and_add_matmul_match_torch_for_transposed_operands():
     a, b, bias, out = (t.detach() for t in leaves((9, 6), (4, 6), (4,), (9, 4)))
     op = products.linear_for(a)
     assert op is not None
@@ -88,4 +88,6 @@ def test_matmul_and_add_matmul_match_torch_for_transposed_operands():
     torch.testing.assert_close(products.matmul(a, b.t(), op, bias), a @ b.t() + bias)
     expected = out + a @ b.t()
     torch.testing.assert_close(products.add_matmul_(out.clone(), a, b.t(), op), expected)
+    torch.testing.assert_close(products.addmm(out, a, b.t(), op), expected)
+    torch.testing.assert_close(products.addmm(out, a, b.t(), None), expected)
     assert products.linear_for(a.double()) is None

@@ -309,8 +309,8 @@ def beam_search(
     completed: list[list[Caption]] = [[] for _ in range(batch_size)]
 
     # Limitation: each step's matrix products run on a few dozen rows and are bound by reading
-    # the weights; on 2 CPU cores decoding costs about 0.8 ms a photograph in groups of 64,
-    # a twentieth of the encoder's time, which a folder's throughput still feels.
+    # the weights; on 2 CPU cores it takes some 4-9 % of a folder's time beside the encoder
+    # (benchmarks/caption_speed.py, caption_tensor against the encoder alone).
     for step in range(max_length):
         log_probs, state = _step_open_rows(model, words, state, finished)
         log_probs = _masked_log_probs(log_probs, forbidden, end_id, first_step=step == 0)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .products import PLAIN_PYTORCH_ENV, add_matmul_, linear_for, matmul
+from .products import PLAIN_PYTORCH_ENV, add_matmul_, addmm, linear_for, matmul
 
 __all__ = [
     "GATE_ORDER",
@@ -254,7 +254,6 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 }
 """
 
-_FUSED_ENV = PLAIN_PYTORCH_ENV
 # Limitation: the fused kernel is CPU-only and float32/float64-only; bfloat16 and CUDA run the
 # gate arithmetic as separate PyTorch operations.
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -319,7 +318,7 @@ def _fused_ops_for(x: Tensor) -> object | None:
     LSTMCAP_FUSED=0, and built), else None."""
     if x.device.type != "cpu" or x.dtype not in _FUSED_DTYPES:
         return None
-    if os.environ.get(_FUSED_ENV, "1") == "0":
+    if os.environ.get(PLAIN_PYTORCH_ENV, "1") == "0":
         return None
     return _fused_ops()
 
@@ -424,10 +423,8 @@ class LSTMStepFunction(torch.autograd.Function):
 
         product = linear_for(x)
         with _autocast_off(x.device):
-            if projected and product is None:
-                gates = torch.addmm(x, prev_h, Wh)  # (N, 4H)
-            elif projected:
-                gates = matmul(prev_h, Wh, product).add_(x)
+            if projected:
+                gates = addmm(x, prev_h, Wh, product)  # (N, 4H)
             else:
                 gates = add_matmul_(matmul(x, Wx, product, b), prev_h, Wh, product)
             _activate_gates_(gates)
@@ -616,7 +613,6 @@ class LSTMSequenceFunction(torch.autograd.Function):
                 grad_h, grad_h_n = grad_h.contiguous(), grad_h_n.contiguous()
 
             dc = grad_c_n.clone(memory_format=torch.contiguous_format)
-            dh = torch.empty_like(dc) if fused is None else None
             Wh_t = Wh.t()
             for t in reversed(range(T)):
                 if fused is not None:
@@ -633,11 +629,9 @@ class LSTMSequenceFunction(torch.autograd.Function):
                     )
                 else:
                     if t == T - 1:
-                        torch.add(grad_h[:, t], grad_h_n, out=dh)
-                    elif product is None:
-                        torch.addmm(grad_h[:, t], da[:, t + 1], Wh_t, out=dh)
+                        dh = grad_h[:, t] + grad_h_n
                     else:
-                        torch.add(grad_h[:, t], matmul(da[:, t + 1], Wh_t, product), out=dh)
+                        dh = addmm(grad_h[:, t], da[:, t + 1], Wh_t, product)
                     dc.addcmul_(dh, cell_from_h[:, t])
                     local_if[:, t].view(N, 2, H).mul_(dc.unsqueeze(1))
                     local_g[:, t].mul_(dc)

@@ -9,9 +9,9 @@ measured).
 
 `linear_for(x)` says whether oneDNN applies to x (CPU, float32, not switched off by
 LSTMCAP_FUSED=0, the switch that puts the whole package on plain PyTorch operations);
-`matmul` and `add_matmul_` take what it returns and fall back to torch's own product when it
-is None. `linear` is F.linear with a hand-written backward over the same products, for the
-captioner's output layer.
+`matmul`, `addmm` and `add_matmul_` take what it returns and fall back to torch's own
+product when it is None. `linear` is F.linear with a hand-written backward over the same
+products, for the captioner's output layer.
 """
 
 import functools
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["add_matmul_", "linear", "linear_for", "matmul", "onednn_linear"]
+__all__ = ["add_matmul_", "addmm", "linear", "linear_for", "matmul", "onednn_linear"]
 
 PLAIN_PYTORCH_ENV = "LSTMCAP_FUSED"
 """Set to 0, the package runs plain PyTorch operations only: no fused kernel, no oneDNN."""
@@ -55,6 +55,13 @@ def matmul(a: Tensor, b: Tensor, op: object | None, bias: Tensor | None = None) 
     if op is not None:
         return op(a, b.t(), bias, "none", [], "")
     return a @ b if bias is None else torch.addmm(bias, a, b)
+
+
+def addmm(input: Tensor, a: Tensor, b: Tensor, op: object | None) -> Tensor:
+    """input + a @ b, a new tensor: input (M, P), a (M, K), b (K, P)."""
+    if op is None:
+        return torch.addmm(input, a, b)
+    return op(a, b.t(), None, "none", [], "").add_(input)
 
 
 def add_matmul_(out: Tensor, a: Tensor, b: Tensor, op: object | None) -> Tensor:
