@@ -219,15 +219,16 @@ def run_on_path(fused, fn, inputs, monkeypatch):
     # the kernel to split it between threads.
     [(3, 5, 4, 7), (2, 3, 5, 8), (5, 4, 3, 19), (64, 3, 9, 130)],
 )
-def test_fused_kernel_equals_pytorch_path(N, T, D, H, dtype, tol, gate_path, monkeypatch):
+@pytest.mark.parametrize("fn", [ours, step_loop], ids=["sequence", "steps"])
+def test_fused_kernel_equals_pytorch_path(N, T, D, H, dtype, tol, fn, gate_path, monkeypatch):
     if gate_path != "fused":
         pytest.skip("compares the two paths once")
     inputs = make_inputs(N, T, D, H, dtype=dtype)
     with torch.no_grad():
         for tensor in inputs[3:]:
             tensor.mul_(1 / math.sqrt(H))
-    fused = run_on_path(True, ours, inputs, monkeypatch)
-    reference = run_on_path(False, ours, inputs, monkeypatch)
+    fused = run_on_path(True, fn, inputs, monkeypatch)
+    reference = run_on_path(False, fn, inputs, monkeypatch)
     # The kernel's exp and its fused multiply-adds round differently from PyTorch's operations
     # by an ulp or two; a gradient that sums many such terms (dWx over N*T rows) can cancel to
     # a small entry, so the absolute tolerance is relative to the tensor's largest entry.

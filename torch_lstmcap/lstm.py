@@ -408,6 +408,10 @@ class LSTMStepFunction(torch.autograd.Function):
 
     With Wx and b None, x is the input part of the pre-activation, x @ Wx + b: (N, 4H),
     already computed (a decoder looks it up per word; see ``lstm_step``).
+
+    The gate arithmetic is one pass of the fused kernel where it applies, as in the sequence
+    Function: over the steps of a beam search of up to 192 rows, the separate element-wise
+    operations took some 35 ms in all and the kernel 6 ms.
     """
 
     @staticmethod
@@ -422,16 +426,29 @@ class LSTMStepFunction(torch.autograd.Function):
         _check("prev_c", prev_c, "(N, H)", (N, H), x)
 
         product = linear_for(x)
+        fused = _fused_ops_for(x)
         with _autocast_off(x.device):
-            if projected:
-                gates = addmm(x, prev_h, Wh, product)  # (N, 4H)
+            if fused is not None:
+                # One pass of the fused kernel: it adds the two parts of the pre-activation as
+                # it reads them and writes the activated gates over the first. The first must
+                # be a fresh product, never the caller's x.
+                recurrent = matmul(prev_h, Wh, product)
+                input_part = x.contiguous() if projected else matmul(x, Wx, product, b)
+                gates, other = (recurrent, input_part) if projected else (input_part, recurrent)
+                next_c, tanh_next_c, next_h = (prev_c.new_empty(N, H) for _ in range(3))
+                fused.forward_step(
+                    gates, other, prev_c.contiguous(), next_c, tanh_next_c, next_h
+                )
             else:
-                gates = add_matmul_(matmul(x, Wx, product, b), prev_h, Wh, product)
-            _activate_gates_(gates)
-            i, f, o, g = split_gates(gates)
-            next_c = torch.addcmul(f * prev_c, i, g)
-            tanh_next_c = next_c.tanh()
-            next_h = o * tanh_next_c
+                if projected:
+                    gates = addmm(x, prev_h, Wh, product)  # (N, 4H)
+                else:
+                    gates = add_matmul_(matmul(x, Wx, product, b), prev_h, Wh, product)
+                _activate_gates_(gates)
+                i, f, o, g = split_gates(gates)
+                next_c = torch.addcmul(f * prev_c, i, g)
+                tanh_next_c = next_c.tanh()
+                next_h = o * tanh_next_c
 
         ctx.product = product
         ctx.save_for_backward(x, prev_h, prev_c, Wx, Wh, gates, tanh_next_c)
