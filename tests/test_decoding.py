@@ -372,7 +372,90 @@ def test_special_id_outside_the_vocabulary_is_refused():
         greedy_decode(model, table_features(0), **{**SPECIAL_IDS, "end_id": VOCAB_SIZE})
 
 
-def test_finished_hypotheses_are_not_run_through_the_model_again():
+def reference_beam_search(model, features, beam_size, max_length, length_penalty, ngram):
+    """Beam search over one image as the docstring of beam_search states it, written plainly:
+    every allowed one-word extension of every open hypothesis is a candidate, and no row is
+    skipped or shared.
+
+    features: (F,) one image.
+    Returns: (token_ids, log_prob) of the finished captions, best first, then of the open
+        ones at the end, best first.
+    """
+
+    def score(log_prob, length):
+        return log_prob / ((5 + length) / 6) ** length_penalty
+
+    def repeats(words, word):
+        if not ngram or len(words) < ngram - 1:
+            return False
+        grams = {tuple(words[i : i + ngram]) for i in range(len(words) - ngram + 1)}
+        return (*words[len(words) - ngram + 1 :], word) in grams
+
+    # Hypotheses are (words, log_prob, state, finished); candidates add a score in front and
+    # whether they are an <end> just chosen at the back.
+    beam = [([], 0.0, model.init_state(features[None]), False)]
+    completed = []
+    for step in range(max_length):
+        candidates = []
+        for words, log_prob, state, finished in beam:
+            if finished:
+                candidates.append(
+                    (score(log_prob, len(words) + 1), words, log_prob, state, True, False)
+                )
+                continue
+            previous = torch.tensor([words[-1] if words else START])
+            log_probs, next_state = model.step(previous, state)
+            for word in range(log_probs.shape[1]):
+                if word in (START, UNK, PAD) or (word == END and step == 0) or repeats(words, word):
+                    continue
+                total = log_prob + float(log_probs[0, word])
+                ends = word == END
+                extended = words if ends else [*words, word]
+                candidates.append(
+                    (score(total, len(words) + 1), extended, total, next_state, ends, ends)
+                )
+        candidates.sort(key=lambda candidate: candidate[0], reverse=True)
+        chosen = candidates[:beam_size]
+        completed += [(words, total) for _, words, total, _, _, new in chosen if new]
+        beam = [(words, total, state, done) for _, words, total, state, done, _ in chosen]
+        if all(done for *_, done in beam):
+            break
+
+    still_open = [(words, total) for words, total, _, done in beam if not done]
+    return sorted(completed, key=lambda c: score(c[1], len(c[0]) + 1), reverse=True) + sorted(
+        still_open, key=lambda c: score(c[1], len(c[0])), reverse=True
+    )
+
+
+@pytest.mark.parametrize("beam_size", [2, 3, 5])
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7, 1.2])
+@pytest.mark.parametrize("block_repeat_ngram", [0, 2])
+def test_beam_search_equals_a_plain_reference(beam_size, length_penalty, block_repeat_ngram):
+    features = random_features(6, seed=beam_size)
+    search = {"beam_size": beam_size, "max_length": 9, "length_penalty": length_penalty}
+
+    results = beam_search(
+        RandomDecoder(seed=4),
+        features,
+        **SPECIAL_IDS,
+        **search,
+        top_k=beam_size,
+        block_repeat_ngram=block_repeat_ngram,
+    )
+
+    for image, captions in enumerate(results):
+        expected = reference_beam_search(
+            RandomDecoder(seed=4), features[image], **search, ngram=block_repeat_ngram
+        )[:beam_size]
+        assert [caption.token_ids for caption in captions] == [words for words, _ in expected]
+        assert [caption.log_prob for caption in captions] == pytest.approx(
+            [total for _, total in expected], abs=1e-9
+        )
+    # Unfinished answers (some captions run to max_length) are compared too.
+    assert any(not caption.finished for captions in results for caption in captions)
+
+
+def test_finished_and_empty_hypotheses_are_not_run_through_the_model():
     model = RandomDecoder(seed=2)
     features = random_features(6, seed=2)
     rows_stepped = []
@@ -385,9 +468,10 @@ def test_finished_hypotheses_are_not_run_through_the_model_again():
     model.step = counting_step
     results = beam_search(model, features, **SPECIAL_IDS, beam_size=3, max_length=12)
 
-    assert rows_stepped[0] == 6 * 3
+    # The first step runs one row per image: the other hypotheses of a beam are still empty.
+    assert rows_stepped[:2] == [6, 6 * 3]
     # Once hypotheses finish, fewer rows go through the model...
-    assert min(rows_stepped) < 6 * 3
+    assert min(rows_stepped[1:]) < 6 * 3
     # ...and the answers are still those of fresh, unshared decoding (checked by rescoring).
     for image, captions in enumerate(results):
         assert rescore(RandomDecoder(seed=2), features[image], captions[0]) == pytest.approx(
