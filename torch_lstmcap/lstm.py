@@ -436,9 +436,7 @@ class LSTMStepFunction(torch.autograd.Function):
                 input_part = x.contiguous() if projected else matmul(x, Wx, product, b)
                 gates, other = (recurrent, input_part) if projected else (input_part, recurrent)
                 next_c, tanh_next_c, next_h = (prev_c.new_empty(N, H) for _ in range(3))
-                fused.forward_step(
-                    gates, other, prev_c.contiguous(), next_c, tanh_next_c, next_h
-                )
+                fused.forward_step(gates, other, prev_c.contiguous(), next_c, tanh_next_c, next_h)
             else:
                 if projected:
                     gates = addmm(x, prev_h, Wh, product)  # (N, 4H)
