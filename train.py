@@ -45,6 +45,7 @@ from torch_lstmcap.checkpoint import (
 from torch_lstmcap.datasets import DATA_FORMATS, DatasetError, ImageCaptions, load_dataset
 from torch_lstmcap.encoder import ENCODERS, EncoderError, build_encoder
 from torch_lstmcap.features import build_feature_cache
+from torch_lstmcap.memory import keep_freed_memory
 from torch_lstmcap.metrics import CiderD, format_metrics_table
 from torch_lstmcap.report import (
     append_metrics,
@@ -768,6 +769,7 @@ def main(argv=None) -> int:
             )
     check_ranges(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    keep_freed_memory()
 
     runtime = Distributed()
     try:

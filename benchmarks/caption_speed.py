@@ -40,6 +40,7 @@ from torch_lstmcap.inference import (  # noqa: E402
     default_checkpoint_path,
     expand_image_paths,
 )
+from torch_lstmcap.memory import keep_freed_memory  # noqa: E402
 
 DATA = Path(os.environ.get("LSTMCAP_DATA", ROOT.parent / "shared" / "data"))
 TARGETS = {"folder_ratio": 0.90, "single_ms": 100.0, "cold_start_ratio": 2.0}
@@ -205,6 +206,8 @@ def main(argv=None) -> int:
         parser.error(f"{args.photos}: needs {args.num_images} photographs, found {len(paths)}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    # As caption.py does; both the pipeline and the encoder alone run with it.
+    keep_freed_memory()
 
     captioner = ImageCaptioner.from_checkpoint(checkpoint)
     report = {
