@@ -12,6 +12,7 @@ import torch
 from PIL import Image, features
 from shared_data import DATA
 
+import torch_lstmcap.encoder as encoder_module
 from torch_lstmcap.encoder import (
     DEFAULT_ENCODER,
     ENCODERS,
@@ -667,11 +668,38 @@ def test_iter_image_batches_keeps_order_and_reports_errors_per_index(tmp_path):
         (1, 3, 16, 16),
     ]
     for batch in batches:
+        # Channels last, the layout the encoder takes on the CPU, without a copy there.
+        assert batch.pixels.is_contiguous(memory_format=torch.channels_last)
         for row, index in enumerate(batch.indices):
             expected = preprocess(load_image(paths[index]), preprocessing)
             torch.testing.assert_close(batch.pixels[row], expected, rtol=0, atol=0)
         for index, message in batch.errors.items():
             assert "\n" not in message and str(paths[index]) in message
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_iter_image_batches_decodes_the_next_batch_early_only_when_reading_ahead(
+    read_ahead, tmp_path, monkeypatch
+):
+    paths = [solid_photo(tmp_path / f"{index}.png", 10 * index) for index in range(6)]
+    loaded = []
+
+    def recording_load_image(path):
+        loaded.append(Path(path).name)
+        return load_image(path)
+
+    monkeypatch.setattr(encoder_module, "load_image", recording_load_image)
+    batches = iter_image_batches(paths, Preprocessing(8), batch_size=2, read_ahead=read_ahead)
+
+    first = next(batches)
+    # The next batch's photographs were handed to the threads with the first batch, or not.
+    deadline = time.monotonic() + 10
+    while read_ahead and len(loaded) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.indices == [0, 1]
+    assert len(loaded) == (4 if read_ahead else 2)
+    assert [batch.indices for batch in batches] == [[2, 3], [4, 5]]
+    assert sorted(loaded) == sorted(path.name for path in paths)
 
 
 def test_iter_image_batches_start_offset(tmp_path):

@@ -139,7 +139,12 @@ def _fill(
 
     start = state["done"]
     batches = iter_image_batches(
-        image_paths, encoder.preprocessing, batch_size, num_workers, start=start
+        image_paths,
+        encoder.preprocessing,
+        batch_size,
+        num_workers,
+        start=start,
+        read_ahead=not channels_last,  # on the CPU, see iter_image_batches
     )
     bar = tqdm(
         total=len(image_paths), initial=start, unit="img", desc="features", disable=not progress

@@ -151,10 +151,11 @@ class ImageCaptioner:
     ) -> Iterator[CaptionResult]:
         """Caption many files in batches, in input order; unreadable files yield errors.
 
-        Photographs are decoded in worker threads while the encoder runs on the previous batch.
-        The encoder's features are gathered until at least DECODE_GROUP photographs wait, and
-        beam search runs on all of them at once: a decoding step reads the same weights for
-        a few rows or for a few hundred, so fewer, larger steps cost less per photograph.
+        Photographs are decoded in worker threads; on a GPU, while the encoder runs on the
+        previous batch (see :func:`iter_image_batches` for why not on the CPU). The encoder's
+        features are gathered until at least DECODE_GROUP photographs wait, and beam search
+        runs on all of them at once: a decoding step reads the same weights for a few rows or
+        for a few hundred, so fewer, larger steps cost less per photograph.
 
         paths: file paths; a single path is one file.
         """
@@ -168,7 +169,11 @@ class ImageCaptioner:
 
             bar = tqdm(total=len(paths), unit="img", desc="captioning")
         batches = iter_image_batches(
-            paths, self.encoder.preprocessing, batch_size, num_workers=num_workers
+            paths,
+            self.encoder.preprocessing,
+            batch_size,
+            num_workers=num_workers,
+            read_ahead=self.device.type != "cpu",
         )
         waiting: list[tuple[ImageBatch, torch.Tensor | None]] = []
         num_waiting = 0

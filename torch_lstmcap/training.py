@@ -206,7 +206,11 @@ def encode_records(
     paths = [record.image_path for record in records]
     features = torch.zeros(len(paths), encoder.feature_dim)
     failed = set()
-    for batch in iter_image_batches(paths, encoder.preprocessing, batch_size, num_workers):
+    read_ahead = torch.device(device).type != "cpu"  # see iter_image_batches
+    batches = iter_image_batches(
+        paths, encoder.preprocessing, batch_size, num_workers, read_ahead=read_ahead
+    )
+    for batch in batches:
         failed.update(batch.errors)
         if batch.indices:
             features[batch.indices] = encoder(batch.pixels.to(device)).float().cpu()
