@@ -19,6 +19,8 @@ from torch_lstmcap.encoder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LITE_ENCODERS,
+    LITE_MEAN,
+    LITE_STD,
     MAX_IMAGE_PIXELS,
     TORCHVISION_ENCODERS,
     EncoderError,
@@ -570,6 +572,38 @@ def test_large_image_loads_and_max_pixels_refuses_it(tmp_path):
     assert f"{width}x{height}" in str(error.value)
 
 
+@needs_flickr8k
+@pytest.mark.parametrize("turned", [False, True])
+def test_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_the_input_size(tmp_path, turned):
+    # A real photograph enlarged to 1800x1200, saved as JPEG, upright or turned by EXIF.
+    photo = load_image(DOG_PHOTO).resize((1800, 1200), Image.Resampling.BICUBIC)
+    exif = Image.Exif()
+    if turned:
+        exif[0x0112] = 6
+    path = tmp_path / "large.jpg"
+    photo.save(path, format="JPEG", quality=95, exif=exif)
+    preprocessing = Preprocessing(224, LITE_MEAN, LITE_STD)
+
+    full = load_image(path)
+    reduced = load_image(path, min_side=224)
+
+    # 1800 // 224 = 8 and 1200 // 224 = 5: a quarter keeps both sides at least 224.
+    assert full.size == ((1200, 1800) if turned else (1800, 1200))
+    assert reduced.size == ((300, 450) if turned else (450, 300))
+    # What the encoder sees barely changes (pixel values in units of 128 / 255).
+    difference = preprocess(reduced, preprocessing) - preprocess(full, preprocessing)
+    assert difference.abs().mean() < 0.02
+
+
+def test_min_side_leaves_small_jpegs_and_other_formats_alone(tmp_path):
+    card = quadrants(400, 300)
+    for name in ("small.jpg", "large.png"):
+        (card if name.endswith("jpg") else card.resize((1600, 1200))).save(tmp_path / name)
+
+    assert load_image(tmp_path / "small.jpg", min_side=224).size == (400, 300)
+    assert load_image(tmp_path / "large.png", min_side=224).size == (1600, 1200)
+
+
 @pytest.mark.parametrize("side", [12_000, 100_000])
 def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, side):
     assert side * side > MAX_IMAGE_PIXELS
@@ -684,9 +718,9 @@ def test_iter_image_batches_decodes_the_next_batch_early_only_when_reading_ahead
     paths = [solid_photo(tmp_path / f"{index}.png", 10 * index) for index in range(6)]
     loaded = []
 
-    def recording_load_image(path):
+    def recording_load_image(path, **options):
         loaded.append(Path(path).name)
-        return load_image(path)
+        return load_image(path, **options)
 
     monkeypatch.setattr(encoder_module, "load_image", recording_load_image)
     batches = iter_image_batches(paths, Preprocessing(8), batch_size=2, read_ahead=read_ahead)

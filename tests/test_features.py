@@ -59,7 +59,9 @@ def test_build_shows_progress_and_stores_each_images_features(tmp_path, photos, 
     assert any(f"{len(photos)} images encoded" in message for message in caplog.messages)
     with torch.inference_mode():
         for index in (0, 5, len(photos) - 1):
-            pixels = preprocess(load_image(photos[index]), encoder.preprocessing)
+            # Loaded as the cache loads it: a JPEG far larger than the input decodes reduced.
+            image = load_image(photos[index], min_side=encoder.preprocessing.image_size)
+            pixels = preprocess(image, encoder.preprocessing)
             expected = encoder(pixels.unsqueeze(0))[0].numpy()
             np.testing.assert_allclose(cache.features[index], expected, rtol=1e-4, atol=1e-5)
 

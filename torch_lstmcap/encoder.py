@@ -124,7 +124,9 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(
+    path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS, min_side: int | None = None
+) -> Image.Image:
     """Read any everyday photograph file as an 8-bit RGB PIL image.
 
     EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images become RGB; alpha
@@ -135,6 +137,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
         path: the image file.
         max_pixels: refuse images with more pixels than this. PIL's own hard limit,
             ``2 * PIL.Image.MAX_IMAGE_PIXELS``, applies on top of it.
+        min_side: if given, a JPEG at least twice this size on both sides is decoded at 1/2,
+            1/4 or 1/8 scale (libjpeg's DCT scaling), keeping both sides at least this long.
+            A 12-megapixel phone photograph then decodes in a few milliseconds instead of 35.
 
     Raises:
         ImageLoadError: missing, empty, truncated or non-image file, or one over ``max_pixels``;
@@ -174,6 +179,9 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
             )
         try:
             image.seek(0)
+            if min_side is not None:
+                # Only JPEG implements draft; for other formats it does nothing.
+                image.draft(None, (min_side, min_side))
             image.load()
             ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image)
@@ -484,7 +492,8 @@ def iter_image_batches(
         try:
             # Only decoding and resizing here: torch arithmetic in these threads would start
             # thread pools of its own; the batch is normalised once, in the calling thread.
-            return index, resize_array(load_image(paths[index]), preprocessing), None
+            image = load_image(paths[index], min_side=preprocessing.image_size)
+            return index, resize_array(image, preprocessing), None
         except ImageLoadError as error:
             return index, None, str(error)
 

@@ -137,7 +137,8 @@ class ImageCaptioner:
 
     def caption_image(self, path: str | os.PathLike, **options) -> tuple[GeneratedCaption, ...]:
         """Caption one photograph file (raises ImageLoadError if it cannot be read)."""
-        pixels = self.encoder.preprocess(load_image(path)).unsqueeze(0)
+        image = load_image(path, min_side=self.encoder.preprocessing.image_size)
+        pixels = self.encoder.preprocess(image).unsqueeze(0)
         return self.caption_tensor(pixels, **options)[0]
 
     def caption_files(

@@ -73,7 +73,9 @@ class CaptionPairs(Dataset):
         if self.features is not None:
             return torch.from_numpy(np.array(self.features[image])), caption
         try:
-            photo = load_image(self.records[image].image_path)
+            photo = load_image(
+                self.records[image].image_path, min_side=self.encoder.preprocessing.image_size
+            )
         except ImageLoadError as error:
             log.warning("skipping %s", error)
             return None
