@@ -23,7 +23,7 @@ from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import EncoderInfo, save_checkpoint
 from torch_lstmcap.datasets import read_flickr8k
 from torch_lstmcap.encoder import build_encoder
-from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path
+from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path, expand_image_paths
 from torch_lstmcap.vocab import Vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +176,14 @@ def test_files_and_folders_print_path_tab_caption_in_input_order(
     [error] = error_lines(result.stderr)
     assert str(not_an_image) in error
     assert result.returncode == 1
+
+
+def test_a_folder_lists_every_image_suffix_in_any_case(tmp_path):
+    names = ["a.JPG", "b.jpeg", "c.mpo", "d.png", "e.WebP", "f.bmp", "g.gif", "h.tif", "i.tiff"]
+    for name in [*names, "notes.txt", "raw.cr2"]:
+        (tmp_path / name).write_bytes(b"")
+
+    assert [path.name for path in expand_image_paths([tmp_path])] == names
 
 
 def test_json_top_k_and_unreadable_files(checkpoint, captioner, photos, tmp_path):

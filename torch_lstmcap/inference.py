@@ -28,7 +28,8 @@ from .encoder import (
     load_image,
 )
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# .mpo: the multi-picture JPEG of some cameras and phones (its first picture is used).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".mpo", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_MODEL_NAME = "flickr8k_lite0.safetensors"
 # Photographs decoded together by caption_files (see there).
