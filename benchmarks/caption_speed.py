@@ -15,10 +15,10 @@ cold start  wall time of `python caption.py one.jpg` beside `python -c "import t
             their ratio (target <= 2.0).
 
 Each in-process measurement runs in interleaved rounds after one warm-up round and reports the
-median round. The process keeps freed memory, as caption.py does (torch_lstmcap.memory); set
-MALLOC_TRIM_THRESHOLD_=131072, glibc's default, to measure without it. A model that never
-emits <end> (random weights) decodes all --max-length steps, so it overstates the decoding
-cost of a trained one.
+median round. The process keeps freed memory, as caption.py does (torch_lstmcap.memory); run
+with GLIBC_TUNABLES=glibc.malloc.perturb=0, which leaves glibc as it is, to measure without
+it. A model that never emits <end> (random weights) decodes all --max-length steps, so it
+overstates the decoding cost of a trained one.
 """
 
 import argparse

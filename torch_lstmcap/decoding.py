@@ -313,10 +313,10 @@ def beam_search(
     tokens = torch.zeros(num_rows, 0, dtype=torch.long, device=device)  # (B * K, t)
     completed: list[list[Caption]] = [[] for _ in range(batch_size)]
 
-    # Limitation: the step's two matrix products (the recurrent one and the output layer) are
-    # most of a search's time, and on the CPU they already run near the cores' peak rate in
-    # float32: beam size 3 over 64 photographs takes about 1 ms a photograph on the 2-core
-    # development machine, a tenth of what the EfficientNet-Lite0 encoder takes.
+    # Limitation: most of a search's time is the step's two matrix products (the recurrent one
+    # and the output layer), already on oneDNN in float32; on 2 CPU cores beam search still
+    # costs a folder about a tenth of the encoder's time (benchmarks/caption_speed.py,
+    # caption_tensor against the encoder alone).
     live = beam_log_prob.isfinite()  # open hypotheses that can still be chosen
     for step in range(max_length):
         live_rows, log_probs, state = _step_live_rows(model, words, state, live)

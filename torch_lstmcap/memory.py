@@ -4,8 +4,9 @@ glibc's malloc gives every block above its mmap threshold (which it moves betwee
 32 MiB) a mapping of its own and unmaps it on free, and it returns free memory at the top of
 its heap to the system. A CNN's activations are such blocks: EfficientNet-Lite0 at batch 16
 allocates some up to 77 MB, and each fresh mapping is faulted in page by page and zeroed by the
-kernel. On the 2-core development machine that was 140,000 page faults per batch and almost
-half of the encoder's time: 51 images/s against 93 with the freed memory kept (batch 16).
+kernel. On the 2-core development machine that was about half of the encoder's time:
+`benchmarks/caption_speed.py` measures the encoder alone with the setting, and with
+GLIBC_TUNABLES=glibc.malloc.perturb=0 (a tunable that changes nothing) without it.
 
 :func:`keep_freed_memory` raises both limits, so that blocks under 1 GiB come from the heap and
 freed memory stays there for the next batch. The process then holds on to its peak memory
