@@ -431,6 +431,8 @@ def train(args, runtime: Distributed) -> int:
 
     model.to(device)
     encoder.to(device)
+    if device.type == "cpu":
+        encoder.to(memory_format=torch.channels_last)  # the layout oneDNN's convolutions take
     if not args.fine_tune_encoder:
         encoder.requires_grad_(False)
     self_critical = args.objective == "self-critical"

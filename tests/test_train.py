@@ -26,7 +26,7 @@ from shared_data import DATA
 import train
 from torch_lstmcap.checkpoint import load_checkpoint
 from torch_lstmcap.datasets import ImageCaptions, load_dataset
-from torch_lstmcap.encoder import build_encoder
+from torch_lstmcap.encoder import build_encoder, load_image
 from torch_lstmcap.features import build_feature_cache
 from torch_lstmcap.inference import ImageCaptioner
 from torch_lstmcap.metrics import METRIC_NAMES
@@ -652,9 +652,17 @@ def test_fine_tuning_the_encoder_saves_it_and_caption_uses_it(tmp_path, cache):
     # Batch-norm running statistics stay those of ImageNet.
     assert not any(name.endswith("running_mean") for name in changed)
 
+    # caption.py's encoder (an inference copy, see ImageEncoder.for_inference) sees a
+    # photograph as the tuned encoder does, not as the pretrained one.
     captioner = ImageCaptioner.from_checkpoint(run / "best.safetensors")
-    loaded = captioner.encoder.state_dict()
-    assert all(torch.equal(loaded[name], checkpoint.encoder_state[name]) for name in changed)
+    tuned = build_encoder()
+    tuned.load_state_dict(checkpoint.encoder_state)
+    photo = sorted((COCO_MINI / "val2017").glob("*.jpg"))[0]
+    pixels = tuned.preprocess(load_image(photo)).unsqueeze(0)
+    with torch.inference_mode():
+        features = captioner.encode(pixels)
+        torch.testing.assert_close(features, tuned.eval()(pixels), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(features, build_encoder()(pixels), atol=1e-3)
 
     # --eval-only scores with the tuned encoder too, on the first images only when asked.
     metrics = tmp_path / "metrics.json"

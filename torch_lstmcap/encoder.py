@@ -19,6 +19,7 @@ quantises well.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -36,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +312,18 @@ class ImageEncoder(nn.Module):
         """RGB PIL image -> (3, S, S) input tensor."""
         return preprocess(image, self.preprocessing)
 
+    def for_inference(self) -> ImageEncoder:
+        """A copy of this encoder for inference only: eval mode, no gradients, and for the
+        EfficientNet-Lite family about a quarter faster (see :meth:`_LiteTrunk.fuse`).
+
+        The copy cannot be trained (its batch norms are folded away) and its state_dict has
+        other keys; train and save the original. torchvision trunks are copied unchanged.
+        """
+        encoder = copy.deepcopy(self).eval().requires_grad_(False)
+        if isinstance(encoder.trunk, _LiteTrunk):
+            encoder.trunk.fuse()
+        return encoder
+
 
 class _LiteTrunk(nn.Module):
     """EfficientNet-Lite up to its last 1x1 convolution (no pooling, no classifier)."""
@@ -320,6 +334,37 @@ class _LiteTrunk(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network.extract_features(images)
+
+    def fuse(self) -> None:
+        """Fold the trunk's per-layer arithmetic into its convolutions, in place (eval only).
+
+        Each batch norm becomes part of the convolution before it (its scale multiplies the
+        weights, its shift becomes the bias); symmetric "same" padding becomes the
+        convolution's own zero padding instead of a padded copy of its input; ReLU6 clips in
+        place. Three passes over an activation fewer per layer; the features agree with the
+        unfused trunk's to float32 rounding (tests/test_encoder.py).
+        """
+        network = self.network
+        pairs = [(network, "_conv_stem", "_bn0"), (network, "_conv_head", "_bn1")]
+        for block in network._blocks:
+            if block._block_args.expand_ratio != 1:  # the condition of MBConvBlock.forward
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for owner, conv, norm in pairs:
+            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm)))
+            setattr(owner, norm, nn.Identity())
+
+        for module in network.modules():
+            padding = getattr(module, "static_padding", None)
+            if isinstance(padding, nn.ZeroPad2d):
+                left, right, top, bottom = padding.padding
+                # Stride-2 layers pad one side only (TensorFlow's "same"): those keep the copy.
+                if left == right and top == bottom:
+                    module.padding = (top, left)
+                    module.static_padding = nn.Identity()
+            elif isinstance(module, nn.ReLU6):
+                # Every ReLU6 here clips a tensor just made by a convolution, read by no one else.
+                module.inplace = True
 
 
 def build_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True) -> ImageEncoder:

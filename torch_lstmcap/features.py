@@ -132,7 +132,7 @@ def build_feature_cache(
 def _fill(
     encoder, image_paths, features, state, progress_path, batch_size, device, num_workers, progress
 ):
-    encoder = encoder.to(device).eval()
+    encoder = encoder.for_inference().to(device)
     channels_last = torch.device(device).type == "cpu"
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)

@@ -204,7 +204,7 @@ def encode_records(
         features (N, F) float32 on the CPU (zeros for unreadable photographs), and the
         indices of those unreadable photographs.
     """
-    encoder.eval()
+    encoder = encoder.for_inference()
     paths = [record.image_path for record in records]
     features = torch.zeros(len(paths), encoder.feature_dim)
     failed = set()
