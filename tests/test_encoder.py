@@ -187,6 +187,8 @@ def test_lite_for_inference_gives_the_same_features_faster_layers(name):
     with torch.inference_mode():
         expected, pooled = encoder(pixels), fused(pixels)
         expected_map, feature_map = encoder.feature_map(pixels[:2]), fused.feature_map(pixels[:2])
+        # A copy of a copy (an ImageCaptioner built from another's encoder) changes nothing.
+        assert torch.equal(fused.for_inference()(pixels), pooled)
 
     torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(feature_map, expected_map, atol=1e-4, rtol=1e-4)

@@ -351,8 +351,10 @@ class _LiteTrunk(nn.Module):
                 pairs.append((block, "_expand_conv", "_bn0"))
             pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
         for owner, conv, norm in pairs:
-            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm)))
-            setattr(owner, norm, nn.Identity())
+            if isinstance(getattr(owner, norm), nn.BatchNorm2d):  # not folded yet
+                folded = fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm))
+                setattr(owner, conv, folded)
+                setattr(owner, norm, nn.Identity())
 
         for module in network.modules():
             padding = getattr(module, "static_padding", None)
