@@ -341,8 +341,8 @@ class _LiteTrunk(nn.Module):
         Each batch norm becomes part of the convolution before it (its scale multiplies the
         weights, its shift becomes the bias); symmetric "same" padding becomes the
         convolution's own zero padding instead of a padded copy of its input; ReLU6 clips in
-        place. Three passes over an activation fewer per layer; the features agree with the
-        unfused trunk's to float32 rounding (tests/test_encoder.py).
+        place instead of writing a new tensor. The features agree with the unfused trunk's to
+        float32 rounding (tests/test_encoder.py).
         """
         network = self.network
         pairs = [(network, "_conv_stem", "_bn0"), (network, "_conv_head", "_bn1")]
