@@ -132,10 +132,8 @@ def build_feature_cache(
 def _fill(
     encoder, image_paths, features, state, progress_path, batch_size, device, num_workers, progress
 ):
-    encoder = encoder.for_inference().to(device)
+    encoder = encoder.for_inference(device)
     channels_last = torch.device(device).type == "cpu"
-    if channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
 
     start = state["done"]
     batches = iter_image_batches(

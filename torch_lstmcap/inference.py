@@ -62,10 +62,8 @@ class ImageCaptioner:
     def __init__(self, checkpoint: Checkpoint, encoder: ImageEncoder, device: torch.device):
         self.model = checkpoint.model.to(device).eval()
         self.vocab = checkpoint.vocab
-        self.encoder = encoder.for_inference().to(device)
+        self.encoder = encoder.for_inference(device)
         self.device = device
-        if device.type == "cpu":
-            self.encoder.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_checkpoint(
