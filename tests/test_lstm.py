@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from torch_lstmcap import lstm as lstm_module
+from torch_lstmcap import products
 from torch_lstmcap.lstm import (
     GATE_ORDER,
     LSTM,
@@ -136,6 +137,34 @@ def test_step_with_the_input_gates_given_equals_the_full_step():
     assert_all_close(given_grads, full_grads, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match=r"x must have shape \(N, 4H\)"):
         lstm_step(input_gates[:, :-1], h, c, None, Wh, None)
+
+
+@pytest.mark.parametrize("given_input_gates", [False, True])
+def test_step_with_a_packed_recurrent_weight_is_the_same_step(given_input_gates, gate_path):
+    # A decoder packs Wh once (products.pack_weight); the step must not change, and its
+    # gradients, which read the plain Wh, neither. On the PyTorch path there is no packing.
+    x, h, c, Wx, Wh, b = make_inputs(3, 1, 5, 4, dtype=torch.float32)
+    x = x[:, 0].detach().requires_grad_()
+    packed_Wh = products.pack_weight(Wh.t())
+    if gate_path == "fused" and products.onednn_linear() is not None:
+        assert packed_Wh is not None
+    if given_input_gates:
+        x, Wx, b = torch.addmm(b, x, Wx).detach().requires_grad_(), None, None
+    inputs = [t for t in (x, h, c, Wx, Wh, b) if t is not None]
+
+    plain = lstm_step(x, h, c, Wx, Wh, b)
+    plain_grads = torch.autograd.grad(sum(out.sum() for out in plain), inputs)
+    packed = lstm_step(x, h, c, Wx, Wh, b, packed_Wh)
+    packed_grads = torch.autograd.grad(sum(out.sum() for out in packed), inputs)
+    assert_all_close(packed, plain, atol=1e-6, rtol=1e-6)
+    assert_all_close(packed_grads, plain_grads, atol=0, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # The packed copy is float32; under autocast the step casts Wh and leaves it out.
+        autocast = lstm_step(x, h, c, Wx, Wh, b, packed_Wh)
+    assert autocast[0].dtype == torch.bfloat16
+    if packed_Wh is not None:
+        with pytest.raises(ValueError, match=r"packed_Wh must have shape \(4H, H\)"):
+            lstm_step(x, h, c, Wx, Wh, b, products.pack_weight(Wh))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """Tests of the oneDNN products: they equal torch's own, forward and backward, and step aside
 where they do not apply."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,3 +93,89 @@ def test_matmul_addmm_and_add_matmul_match_torch_for_transposed_operands():
     torch.testing.assert_close(products.addmm(out, a, b.t(), op), expected)
     torch.testing.assert_close(products.addmm(out, a, b.t(), None), expected)
     assert products.linear_for(a.double()) is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_packed_weight_gives_the_same_products(rows):
+    a, weight, bias, out = (t.detach() for t in leaves((rows, 24), (40, 24), (40,), (rows, 40)))
+    op = products.linear_for(a)
+    packed = products.pack_weight(weight)
+    assert packed is not None and packed.shape == weight.shape
+
+    expected = a @ weight.t() + bias
+    torch.testing.assert_close(products.matmul(a, weight.t(), op, bias, packed), expected)
+    torch.testing.assert_close(
+        products.addmm(out, a, weight.t(), op, packed), out + expected - bias
+    )
+    got = products.add_matmul_(out.clone(), a, weight.t(), op, packed)
+    torch.testing.assert_close(got, out + expected - bias)
+    with torch.no_grad():
+        torch.testing.assert_close(products.linear(a, weight, bias, packed), expected)
+    with pytest.raises(ValueError, match="not the transpose"):
+        products.matmul(a, weight, op, packed=packed)
+
+
+@needs_onednn
+def test_linear_with_a_packed_weight_still_records_gradients():
+    x, weight, bias = leaves((5, 8), (3, 8), (3,))
+    packed = products.pack_weight(weight)
+
+    y = products.linear(x, weight, bias, packed)
+    assert "LinearFunctionBackward" in graph_names(y)
+    y.sum().backward()
+    torch.testing.assert_close(weight.grad, torch.ones(5, 3).t() @ x.detach())
+
+
+def test_pack_weight_is_none_where_onednn_does_not_apply(monkeypatch):
+    assert products.pack_weight(torch.randn(4, 3, dtype=torch.float64)) is None
+    monkeypatch.setenv(products.PLAIN_PYTORCH_ENV, "0")
+    assert products.pack_weight(torch.randn(4, 3)) is None
+
+
+needs_onednn_convolution = pytest.mark.skipif(
+    not products.PackedConv2d.applies_to(torch.ones(1)),
+    reason="this torch build has no oneDNN convolution",
+)
+
+
+@needs_onednn_convolution
+@pytest.mark.parametrize(
+    "in_channels, out_channels, kernel, stride, padding, groups, relu6, with_bias",
+    [
+        (3, 8, 3, 2, 1, 1, True, True),  # a stem
+        (8, 8, 5, 1, 2, 8, True, True),  # depthwise
+        (8, 16, 1, 1, 0, 1, False, True),  # pointwise, no activation
+        (8, 8, 4, 2, 1, 8, True, False),  # depthwise, stride 2, even kernel, no bias
+    ],
+)
+def test_packed_convolution_equals_conv2d_and_relu6(
+    in_channels, out_channels, kernel, stride, padding, groups, relu6, with_bias
+):
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(out_channels, in_channels // groups, kernel, kernel, generator=generator)
+    bias = torch.randn(out_channels, generator=generator) if with_bias else None
+    x = 3 * torch.randn(2, in_channels, 13, 12, generator=generator)
+    conv = products.PackedConv2d(weight, bias, (stride,) * 2, (padding,) * 2, (1, 1), groups, relu6)
+
+    expected = F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    if relu6:
+        expected = F.relu6(expected)
+        assert (expected == 0).any() and (expected == 6).any(), "both ends clip"
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+        channels_last = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(conv(channels_last), expected, atol=1e-5, rtol=1e-5)
+        # Each batch size gets a weight packed for it; only a few are kept.
+        for rows in (1, 3, 4, 5, 6, 2):
+            batch = torch.cat([x] * 3)[:rows]
+            want = torch.cat([expected] * 3)[:rows]
+            torch.testing.assert_close(conv(batch), want, atol=1e-5, rtol=1e-5)
+        assert 0 < len(conv._packed) <= conv.MAX_PACKED_SHAPES
+        # A copy packs its own weight; moved to float64 it runs F.conv2d on the plain one.
+        torch.testing.assert_close(copy.deepcopy(conv)(x), conv(x), atol=0, rtol=0)
+        as_float64 = copy.deepcopy(conv).double()
+        # A copy made off oneDNN has nothing to pack and runs F.conv2d too.
+        torch.testing.assert_close(copy.deepcopy(as_float64)(x.double()), as_float64(x.double()))
+    torch.testing.assert_close(as_float64(x.double()).float(), expected, atol=1e-5, rtol=1e-5)
+    assert set(conv.state_dict()) == ({"weight", "bias"} if with_bias else {"weight"})

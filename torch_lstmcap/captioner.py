@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lstm import LSTM, lstm_forward, lstm_step
-from .products import linear
+from .products import linear, pack_weight
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,24 @@ class CaptionerConfig:
             raise ValueError(f"image_at_output must be true or false: {self.image_at_output!r}")
 
 
+@dataclass(frozen=True)
+class DecodingWeights:
+    """What a decoding step reads in place of the captioner's own weights, made once.
+
+    input_gates: (V, 4E) ``embed(w) @ Wx + b`` for every word w, the input part of the LSTM
+        gates: a step reads B rows of it instead of multiplying (B, E) by (E, 4E), about a
+        fifth of a beam-search step on the CPU.
+    packed_Wh: (4E, E) the recurrent weight, and packed_embedding: (V, E) the tied output
+        layer's, in oneDNN's own layout (``products.pack_weight``), or None off oneDNN: the
+        products of a step then skip copying them into it, most of their work when a search
+        has few rows.
+    """
+
+    input_gates: torch.Tensor
+    packed_Wh: torch.Tensor | None
+    packed_embedding: torch.Tensor | None
+
+
 class Captioner(nn.Module):
     """LSTM caption decoder over pooled image features.
 
@@ -90,8 +108,8 @@ class Captioner(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.image_to_output = nn.Linear(size, size) if config.image_at_output else None
         nn.init.normal_(self.embedding.weight, std=size**-0.5)
-        self._gate_table: torch.Tensor | None = None
-        self._gate_table_key: tuple | None = None
+        self._decoding_weights: DecodingWeights | None = None
+        self._decoding_weights_key: tuple | None = None
 
     def image_vector(self, features: torch.Tensor) -> torch.Tensor:
         """features: (N, F) -> v: (N, E)."""
@@ -106,12 +124,18 @@ class Captioner(nn.Module):
             state += (self.image_to_output(image),)
         return state
 
-    def logits(self, hidden: torch.Tensor, image_term: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        hidden: torch.Tensor,
+        image_term: torch.Tensor | None = None,
+        packed_embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """hidden: (..., E), plus image_term W_o v broadcast to it -> (..., V), through the
-        tied embedding matrix."""
+        tied embedding matrix (or its packed copy, see :class:`DecodingWeights`)."""
         if image_term is not None:
             hidden = hidden + image_term
-        return linear(self.dropout(hidden), self.embedding.weight, self.output_bias)
+        weight = self.embedding.weight
+        return linear(self.dropout(hidden), weight, self.output_bias, packed_embedding)
 
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, targets_only: bool = False
@@ -160,31 +184,40 @@ class Captioner(nn.Module):
             log_probs: (B, V) float32; the new state.
         """
         prev_h, prev_c, *image_term = state
+        image_term = image_term[0] if image_term else None
         lstm = self.lstm
         if torch.is_grad_enabled() or self.training:
             x = self.dropout(self.embedding(words))
             next_h, next_c = lstm_step(x, prev_h, prev_c, lstm.Wx, lstm.Wh, lstm.b)
+            logits = self.logits(next_h, image_term)
         else:
             # Decoding: each word's input gates are a row of the table, not a product.
-            input_gates = self.input_gate_table().index_select(0, words)  # (B, 4E)
-            next_h, next_c = lstm_step(input_gates, prev_h, prev_c, None, lstm.Wh, None)
-        logits = self.logits(next_h, image_term[0] if image_term else None)
-        return F.log_softmax(logits.float(), dim=-1), (next_h, next_c, *image_term)
+            weights = self.decoding_weights()
+            input_gates = weights.input_gates.index_select(0, words)  # (B, 4E)
+            next_h, next_c = lstm_step(
+                input_gates, prev_h, prev_c, None, lstm.Wh, None, weights.packed_Wh
+            )
+            logits = self.logits(next_h, image_term, weights.packed_embedding)
+        next_state = (next_h, next_c) if image_term is None else (next_h, next_c, image_term)
+        return F.log_softmax(logits.float(), dim=-1), next_state
 
-    def input_gate_table(self) -> torch.Tensor:
-        """(V, 4E) ``embed(w) @ Wx + b`` for every word w, the input part of the LSTM gates.
+    def decoding_weights(self) -> DecodingWeights:
+        """The :class:`DecodingWeights` of the current weights.
 
-        A decoding step reads B rows of it instead of multiplying (B, E) by (E, 4E): about a
-        fifth of a beam-search step on the CPU. Kept between calls and recomputed after any
-        change to the weights it comes from (training steps, ``to()``, loading).
+        Kept between calls and made again after any change to the weights they come from
+        (training steps, ``to()``, loading).
         """
-        sources = (self.embedding.weight, self.lstm.Wx, self.lstm.b)
+        sources = (self.embedding.weight, self.lstm.Wx, self.lstm.b, self.lstm.Wh)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
-        if key != self._gate_table_key:
+        if key != self._decoding_weights_key:
             with torch.no_grad():
-                self._gate_table = torch.addmm(self.lstm.b, self.embedding.weight, self.lstm.Wx)
-            self._gate_table_key = key
-        return self._gate_table
+                self._decoding_weights = DecodingWeights(
+                    input_gates=torch.addmm(self.lstm.b, self.embedding.weight, self.lstm.Wx),
+                    packed_Wh=pack_weight(self.lstm.Wh.t()),
+                    packed_embedding=pack_weight(self.embedding.weight),
+                )
+            self._decoding_weights_key = key
+        return self._decoding_weights
 
     def extend_vocab(self, new_size: int) -> None:
         """Grow the vocabulary to ``new_size`` words; old rows keep their trained values."""

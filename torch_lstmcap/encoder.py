@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import logging
 import math
 import os
@@ -35,9 +36,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .products import PackedConv2d
 
 log = logging.getLogger(__name__)
 
@@ -316,18 +320,24 @@ class ImageEncoder(nn.Module):
         """A copy of this encoder for inference only: eval mode, no gradients, on ``device``
         (default: where this encoder is), in channels-last memory on the CPU (the layout
         oneDNN's convolutions take), and for the EfficientNet-Lite family with its per-layer
-        arithmetic folded into the convolutions (see :meth:`_LiteTrunk.fuse`).
+        arithmetic folded into the convolutions (see :meth:`_LiteTrunk.fuse`), which on the
+        CPU in float32 run on packed weights (:meth:`_LiteTrunk.pack_convolutions`).
 
         The copy cannot be trained (its batch norms are folded away) and its state_dict has
         other keys; train and save the original. torchvision trunks are copied unchanged.
         """
         encoder = copy.deepcopy(self).eval().requires_grad_(False)
-        if isinstance(encoder.trunk, _LiteTrunk):
+        lite = isinstance(encoder.trunk, _LiteTrunk)
+        if lite:
             encoder.trunk.fuse()
         if device is not None:
             encoder.to(device)
-        if next(encoder.parameters()).device.type == "cpu":
+        # A packed copy keeps its weights as buffers, not parameters.
+        weight = next(itertools.chain(encoder.parameters(), encoder.buffers()))
+        if weight.device.type == "cpu":
             encoder.to(memory_format=torch.channels_last)
+            if lite:
+                encoder.trunk.pack_convolutions()
         return encoder
 
 
@@ -373,6 +383,49 @@ class _LiteTrunk(nn.Module):
             elif isinstance(module, nn.ReLU6):
                 # Every ReLU6 here clips a tensor just made by a convolution, read by no one else.
                 module.inplace = True
+
+    def pack_convolutions(self) -> None:
+        """Run each convolution, and the ReLU6 after it, as one oneDNN primitive on packed
+        weights (:class:`~torch_lstmcap.products.PackedConv2d`), in place; after :meth:`fuse`,
+        on the CPU in float32. Where oneDNN does not apply, the trunk stays as it is.
+
+        The stride-2 layers pad TensorFlow's way, one more row and column at the bottom and
+        right than at the top and left (``static_padding``). Their kernel grows by that
+        difference, with zeros in its new first rows and columns, and takes the larger padding
+        on both sides: each output reads the same pixels with the same weights, and no padded
+        copy of the input is made.
+        """
+        network = self.network
+        if not PackedConv2d.applies_to(network._conv_stem.weight):
+            return
+        # (owner, convolution, followed by ReLU6). Without squeeze-and-excitation (none of the
+        # Lite models has it), a block's ReLU6 runs only after its expansion and depthwise
+        # convolutions, and the network's only after the stem and the head.
+        convolutions = [(network, "_conv_stem", True), (network, "_conv_head", True)]
+        for block in network._blocks:
+            if block.has_se:
+                return
+            if block._block_args.expand_ratio != 1:
+                convolutions.append((block, "_expand_conv", True))
+            convolutions += [(block, "_depthwise_conv", True), (block, "_project_conv", False)]
+
+        packed = []
+        for owner, name, relu6 in convolutions:
+            conv = getattr(owner, name)
+            weight, padding = conv.weight, conv.padding
+            static_padding = getattr(conv, "static_padding", None)
+            if isinstance(static_padding, nn.ZeroPad2d):
+                left, right, top, bottom = static_padding.padding
+                if right < left or bottom < top or padding != (0, 0):
+                    return
+                weight = F.pad(weight, (right - left, 0, bottom - top, 0))
+                padding = (bottom, right)
+            geometry = (conv.stride, padding, conv.dilation, conv.groups)
+            packed.append((owner, name, PackedConv2d(weight, conv.bias, *geometry, relu6)))
+        for owner, name, module in packed:
+            setattr(owner, name, module)
+        for owner in [network, *network._blocks]:
+            owner._swish = nn.Identity()
 
 
 def build_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True) -> ImageEncoder:

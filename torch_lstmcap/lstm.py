@@ -393,8 +393,14 @@ def _autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 
 def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """Disable autocast on device, so the Functions compute in their inputs' dtype."""
+    """Disable autocast on device, so the Functions compute in their inputs' dtype.
+
+    Where it is off already, nothing is entered: entering torch.autocast costs tens of
+    microseconds, and a decoder runs a step Function for every word it writes.
+    """
     if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    if not torch.is_autocast_enabled(device.type):
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
@@ -402,12 +408,13 @@ def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
 class LSTMStepFunction(torch.autograd.Function):
     """One LSTM step with a hand-written backward.
 
-    forward(x, prev_h, prev_c, Wx, Wh, b) -> (next_h, next_c)
+    forward(x, prev_h, prev_c, Wx, Wh, b, packed_Wh) -> (next_h, next_c)
         x: (N, D), prev_h: (N, H), prev_c: (N, H), Wx: (D, 4H), Wh: (H, 4H), b: (4H,)
         next_h: (N, H), next_c: (N, H)
 
     With Wx and b None, x is the input part of the pre-activation, x @ Wx + b: (N, 4H),
-    already computed (a decoder looks it up per word; see ``lstm_step``).
+    already computed (a decoder looks it up per word; see ``lstm_step``). packed_Wh, if not
+    None, is ``products.pack_weight(Wh.t())``, which the forward product reads in place of Wh.
 
     The gate arithmetic is one pass of the fused kernel where it applies, as in the sequence
     Function, instead of seven element-wise operations, each a pass over memory and a
@@ -415,7 +422,7 @@ class LSTMStepFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, prev_h, prev_c, Wx, Wh, b):
+    def forward(ctx, x, prev_h, prev_c, Wx, Wh, b, packed_Wh=None):
         projected = Wx is None and b is None
         _check_input(x, "(N, 4H)" if projected else "(N, D)")
         H = _check_recurrent_weight(Wh, x) if projected else _check_weights(Wx, Wh, b, x)
@@ -424,6 +431,8 @@ class LSTMStepFunction(torch.autograd.Function):
             _check("x", x, "(N, 4H)", (N, 4 * H), x)
         _check("prev_h", prev_h, "(N, H)", (N, H), x)
         _check("prev_c", prev_c, "(N, H)", (N, H), x)
+        if packed_Wh is not None:
+            _check("packed_Wh", packed_Wh, "(4H, H)", (4 * H, H), x)
 
         product = linear_for(x)
         fused = _fused_ops_for(x)
@@ -432,7 +441,7 @@ class LSTMStepFunction(torch.autograd.Function):
                 # One pass of the fused kernel: it adds the input part of the pre-activation
                 # to the recurrent one as it reads them and writes the activated gates over the
                 # recurrent product, a fresh tensor (the input part may be the caller's x).
-                gates = matmul(prev_h, Wh, product)  # (N, 4H)
+                gates = matmul(prev_h, Wh, product, packed=packed_Wh)  # (N, 4H)
                 input_part = x.contiguous() if projected else matmul(x, Wx, product, b)
                 next_c, tanh_next_c, next_h = (prev_c.new_empty(N, H) for _ in range(3))
                 fused.forward_step(
@@ -440,9 +449,10 @@ class LSTMStepFunction(torch.autograd.Function):
                 )
             else:
                 if projected:
-                    gates = addmm(x, prev_h, Wh, product)  # (N, 4H)
+                    gates = addmm(x, prev_h, Wh, product, packed_Wh)  # (N, 4H)
                 else:
-                    gates = add_matmul_(matmul(x, Wx, product, b), prev_h, Wh, product)
+                    input_part = matmul(x, Wx, product, b)
+                    gates = add_matmul_(input_part, prev_h, Wh, product, packed_Wh)
                 _activate_gates_(gates)
                 i, f, o, g = split_gates(gates)
                 next_c = torch.addcmul(f * prev_c, i, g)
@@ -457,7 +467,8 @@ class LSTMStepFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_next_h, grad_next_c):
         x, prev_h, prev_c, Wx, Wh, gates, tanh_next_c = ctx.saved_tensors
-        need_x, need_prev_h, need_prev_c, need_Wx, need_Wh, need_b = ctx.needs_input_grad
+        # packed_Wh, a seventh input when given, is a copy of Wh's values and takes no gradient.
+        need_x, need_prev_h, need_prev_c, need_Wx, need_Wh, need_b = ctx.needs_input_grad[:6]
         grad_x = grad_prev_h = grad_prev_c = grad_Wx = grad_Wh = grad_b = None
 
         with _autocast_off(x.device):
@@ -506,7 +517,7 @@ class LSTMStepFunction(torch.autograd.Function):
             if need_prev_c:
                 grad_prev_c = dnext_c * f
 
-        return grad_x, grad_prev_h, grad_prev_c, grad_Wx, grad_Wh, grad_b
+        return grad_x, grad_prev_h, grad_prev_c, grad_Wx, grad_Wh, grad_b, None
 
 
 class LSTMSequenceFunction(torch.autograd.Function):
@@ -697,6 +708,7 @@ def lstm_step(
     Wx: Tensor | None,
     Wh: Tensor,
     b: Tensor | None,
+    packed_Wh: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run one LSTM step.
 
@@ -709,6 +721,9 @@ def lstm_step(
         Wx: (D, 4H) input weights, gate blocks in GATE_ORDER; or None.
         Wh: (H, 4H) recurrent weights, gate blocks in GATE_ORDER.
         b: (4H,) bias, gate blocks in GATE_ORDER; None exactly when Wx is.
+        packed_Wh: ``products.pack_weight(Wh.t())``: (4H, H), or None. A decoder that steps
+            many times with the same Wh packs it once, and oneDNN's product reads it without
+            copying Wh into its own layout at every step (same values, less time).
 
     Returns:
         next_h: (N, H) and next_c: (N, H).
@@ -716,7 +731,10 @@ def lstm_step(
     Raises:
         ValueError: an argument has the wrong shape, dtype or device.
     """
-    return LSTMStepFunction.apply(*_autocast_inputs(x, prev_h, prev_c, Wx, Wh, b))
+    inputs = _autocast_inputs(x, prev_h, prev_c, Wx, Wh, b)
+    if inputs[4] is not Wh:
+        packed_Wh = None  # autocast cast Wh to another dtype; the packed copy is the old one
+    return LSTMStepFunction.apply(*inputs, packed_Wh)
 
 
 def lstm_forward(

@@ -12,6 +12,15 @@ LSTMCAP_FUSED=0, the switch that puts the whole package on plain PyTorch operati
 `matmul`, `addmm` and `add_matmul_` take what it returns and fall back to torch's own
 product when it is None. `linear` is F.linear with a hand-written backward over the same
 products, for the captioner's output layer.
+
+oneDNN first copies a plain weight into its own blocked layout, at every product. A weight
+read many times without changing, as a decoder's are at every step of a search, can be copied
+once with `pack_weight` and passed beside the plain one (``packed=``); the products then give
+the same numbers, in much less time where the rows are few (a beam search over one
+photograph), where that copy is most of the product's work.
+
+`PackedConv2d` does the same for a convolution of the image encoder's inference copy, with
+the ReLU6 after it applied by oneDNN as the convolution writes its output.
 """
 
 import functools
@@ -19,10 +28,19 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["add_matmul_", "addmm", "linear", "linear_for", "matmul", "onednn_linear"]
+__all__ = [
+    "add_matmul_",
+    "addmm",
+    "linear",
+    "linear_for",
+    "matmul",
+    "onednn_linear",
+    "pack_weight",
+    "PackedConv2d",
+]
 
 PLAIN_PYTORCH_ENV = "LSTMCAP_FUSED"
 """Set to 0, the package runs plain PyTorch operations only: no fused kernel, no oneDNN."""
@@ -40,6 +58,17 @@ def onednn_linear() -> object | None:
         return None
 
 
+@functools.cache
+def _onednn_reorder() -> object | None:
+    """oneDNN's weight packing as torch exposes it, or None where this torch build lacks it."""
+    if onednn_linear() is None:
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def linear_for(x: Tensor) -> object | None:
     """oneDNN's product when it applies to x (CPU, float32, not switched off), else None."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
@@ -49,26 +78,64 @@ def linear_for(x: Tensor) -> object | None:
     return onednn_linear()
 
 
-def matmul(a: Tensor, b: Tensor, op: object | None, bias: Tensor | None = None) -> Tensor:
+def pack_weight(weight: Tensor) -> Tensor | None:
+    """weight: (P, K) copied into oneDNN's blocked layout, for products ``x @ weight^T`` that
+    read it many times; None where oneDNN does not apply to it (see ``linear_for``).
+
+    The copy holds the values the weight has now: pack again after changing it. It carries
+    no gradient.
+    """
+    reorder = _onednn_reorder()
+    if reorder is None or linear_for(weight) is None or weight.dim() != 2:
+        return None
+    with torch.no_grad():
+        return reorder(weight.detach().contiguous(), None)
+
+
+def _weight_t(b: Tensor, packed: Tensor | None) -> Tensor:
+    """The (P, K) operand of oneDNN's product for a @ b, b: (K, P): packed, if given."""
+    if packed is None:
+        return b.t()
+    if tuple(packed.shape) != (b.shape[1], b.shape[0]):
+        raise ValueError(
+            f"packed weight {tuple(packed.shape)} is not the transpose of {tuple(b.shape)}"
+        )
+    return packed
+
+
+def matmul(
+    a: Tensor,
+    b: Tensor,
+    op: object | None,
+    bias: Tensor | None = None,
+    packed: Tensor | None = None,
+) -> Tensor:
     """a @ b (+ bias): a (M, K), b (K, P), bias (P,) -> (M, P), through the oneDNN op from
-    linear_for, or torch's own product when op is None."""
+    linear_for, or torch's own product when op is None.
+
+    packed: ``pack_weight(b.t())``, read by oneDNN in place of b; ignored when op is None.
+    """
     if op is not None:
-        return op(a, b.t(), bias, "none", [], "")
+        return op(a, _weight_t(b, packed), bias, "none", [], "")
     return a @ b if bias is None else torch.addmm(bias, a, b)
 
 
-def addmm(input: Tensor, a: Tensor, b: Tensor, op: object | None) -> Tensor:
-    """input + a @ b, a new tensor: input (M, P), a (M, K), b (K, P)."""
+def addmm(
+    input: Tensor, a: Tensor, b: Tensor, op: object | None, packed: Tensor | None = None
+) -> Tensor:
+    """input + a @ b, a new tensor: input (M, P), a (M, K), b (K, P); packed as in matmul."""
     if op is None:
         return torch.addmm(input, a, b)
-    return op(a, b.t(), None, "none", [], "").add_(input)
+    return op(a, _weight_t(b, packed), None, "none", [], "").add_(input)
 
 
-def add_matmul_(out: Tensor, a: Tensor, b: Tensor, op: object | None) -> Tensor:
-    """out += a @ b in place: out (M, P), a (M, K), b (K, P)."""
+def add_matmul_(
+    out: Tensor, a: Tensor, b: Tensor, op: object | None, packed: Tensor | None = None
+) -> Tensor:
+    """out += a @ b in place: out (M, P), a (M, K), b (K, P); packed as in matmul."""
     if op is None:
         return out.addmm_(a, b)
-    return out.add_(op(a, b.t(), None, "none", [], ""))
+    return out.add_(op(a, _weight_t(b, packed), None, "none", [], ""))
 
 
 class LinearFunction(torch.autograd.Function):
@@ -95,11 +162,13 @@ class LinearFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor, packed: Tensor | None = None) -> Tensor:
     """F.linear(x, weight, bias), through oneDNN where linear_for(x) applies.
 
     Args:
         x: (..., K); weight: (P, K); bias: (P,).
+        packed: ``pack_weight(weight)``, read in place of weight when no gradient is
+            recorded (the backward needs the plain weight).
 
     Returns:
         (..., P).
@@ -108,4 +177,90 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if op is None or torch.is_autocast_enabled("cpu"):
         return F.linear(x, weight, bias)
     rows = x.reshape(-1, x.shape[-1])
-    return LinearFunction.apply(rows, weight, bias, op).view(*x.shape[:-1], weight.shape[0])
+    if packed is not None and not torch.is_grad_enabled():
+        y = matmul(rows, weight.t(), op, bias, packed)
+    else:
+        y = LinearFunction.apply(rows, weight, bias, op)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@functools.cache
+def _onednn_convolution() -> tuple[object, object] | None:
+    """oneDNN's convolution with a fused activation and its weight packing, as torch exposes
+    them, or None where this torch build lacks them."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return (
+            torch.ops.mkldnn._convolution_pointwise.default,
+            torch._C._nn.mkldnn_reorder_conv2d_weight,
+        )
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class PackedConv2d(nn.Module):
+    """A 2-d convolution, optionally followed by ReLU6, for inference on the CPU in float32.
+
+    oneDNN runs it on a copy of the weight in its own blocked layout, made once for each input
+    shape it meets (the best layout depends on the batch size; a few shapes are kept), and
+    clips to [0, 6] as it writes the output instead of in a second pass over it. Where
+    ``applies_to`` the weight no longer holds (the module moved with ``to()``, or
+    LSTMCAP_FUSED=0), it runs F.conv2d on the plain weight, which it keeps. No gradient flows
+    through it.
+
+    Args:
+        weight: (C', C / groups, kh, kw); bias: (C',) or None; stride, padding, dilation,
+            groups: as for F.conv2d (padding on both sides of each dimension);
+        relu6: clip the output to [0, 6].
+    """
+
+    MAX_PACKED_SHAPES = 4
+
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups, relu6
+    ):
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
+        self.groups = groups
+        self.relu6 = relu6
+        self._packed: dict[tuple[int, ...], Tensor] = {}
+
+    @staticmethod
+    def applies_to(weight: Tensor) -> bool:
+        """Whether a convolution with this weight can run on oneDNN here: CPU, float32, a
+        torch with oneDNN, and not switched off by LSTMCAP_FUSED=0."""
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return False
+        return os.environ.get(PLAIN_PYTORCH_ENV, "1") != "0" and _onednn_convolution() is not None
+
+    def _packed_weight(self, input_shape: tuple[int, ...]) -> Tensor:
+        packed = self._packed.get(input_shape)
+        if packed is None:
+            if len(self._packed) >= self.MAX_PACKED_SHAPES:
+                self._packed.clear()
+            _, reorder = _onednn_convolution()
+            with torch.no_grad():
+                plain = self.weight.contiguous().to_mkldnn()
+                geometry = (self.padding, self.stride, self.dilation, self.groups)
+                packed = reorder(plain, *geometry, list(input_shape))
+            self._packed[input_shape] = packed
+        return packed
+
+    def __getstate__(self) -> dict:
+        # oneDNN's tensors cannot be copied or pickled: a copy packs its own weights.
+        return {**self.__dict__, "_packed": {}}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (N, C, H, W) -> (N, C', H', W'), channels-last from oneDNN."""
+        weight, bias = self.weight, self.bias
+        if self.applies_to(weight) and self.applies_to(x):
+            op, _ = _onednn_convolution()
+            packed = self._packed_weight(tuple(x.shape))
+            geometry = (self.padding, self.stride, self.dilation, self.groups)
+            attr, scalars = ("hardtanh", [0.0, 6.0]) if self.relu6 else ("none", [])
+            return op(x, packed, bias, *geometry, attr, scalars, "")
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu6(y) if self.relu6 else y
