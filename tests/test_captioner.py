@@ -2,6 +2,8 @@
 sequence and the step path, gradients, the decoding protocol, vocabulary growth, dropout and
 bfloat16 autocast."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +197,11 @@ def test_decoding_weights_are_made_once_and_again_when_the_weights_change():
         assert weights.packed_Wh.shape == (4 * HIDDEN_SIZE, HIDDEN_SIZE)
         assert weights.packed_embedding.shape == (VOCAB_SIZE, HIDDEN_SIZE)
     assert model.decoding_weights() is weights, "kept between steps"
+    # Packed weights cannot be copied; a copy of the model makes its own and decodes the same.
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        state = model.init_state(features)
+        torch.testing.assert_close(copied.step(words, state)[0], model.step(words, state)[0])
 
     # A training step changes the weights in place; the table must follow.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -214,6 +221,42 @@ def test_decoding_weights_are_made_once_and_again_when_the_weights_change():
     assert weights.packed_Wh is None and weights.packed_embedding is None, "oneDNN is float32"
     with torch.no_grad():
         model.step(words, model.init_state(features.double()))
+
+
+def test_a_model_made_under_inference_mode_decodes_as_any_other():
+    # Its tensors have no version counter, which the decoding weights' key otherwise reads.
+    features, captions = make_batch((2, 3))
+    with torch.inference_mode():
+        model = make_model().eval()
+        got, _ = model.step(captions[:, 0], model.init_state(features))
+    reference = make_model().eval()
+    with torch.no_grad():
+        expected, _ = reference.step(captions[:, 0], reference.init_state(features))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(products.onednn_linear() is None, reason="this torch build has no oneDNN")
+def test_decoding_steps_read_the_packed_weights(monkeypatch):
+    model = make_model().eval()
+    features, captions = make_batch((2, 3))
+    received = {}
+
+    def spy(name, function, position):
+        def wrapper(*args):
+            received[name] = args[position]
+            return function(*args)
+
+        return wrapper
+
+    monkeypatch.setattr(
+        captioner_module, "lstm_step", spy("packed_Wh", captioner_module.lstm_step, 6)
+    )
+    monkeypatch.setattr(captioner_module, "linear", spy("packed", captioner_module.linear, 3))
+    with torch.no_grad():
+        model.step(captions[:, 0], model.init_state(features))
+    weights = model.decoding_weights()
+    assert received["packed_Wh"] is weights.packed_Wh is not None
+    assert received["packed"] is weights.packed_embedding is not None
 
 
 @pytest.mark.parametrize("image_at_output", [False, True])

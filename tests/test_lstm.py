@@ -139,10 +139,16 @@ def test_step_with_the_input_gates_given_equals_the_full_step():
         lstm_step(input_gates[:, :-1], h, c, None, Wh, None)
 
 
+@pytest.mark.parametrize("fused_kernel", [True, False], ids=["kernel", "no-kernel"])
 @pytest.mark.parametrize("given_input_gates", [False, True])
-def test_step_with_a_packed_recurrent_weight_is_the_same_step(given_input_gates, gate_path):
+def test_step_with_a_packed_recurrent_weight_is_the_same_step(
+    given_input_gates, fused_kernel, gate_path, monkeypatch
+):
     # A decoder packs Wh once (products.pack_weight); the step must not change, and its
     # gradients, which read the plain Wh, neither. On the PyTorch path there is no packing.
+    # Without the fused kernel, oneDNN's products still read the packed copy.
+    if not fused_kernel:
+        monkeypatch.setattr(lstm_module, "_fused_ops_for", lambda x: None)
     x, h, c, Wx, Wh, b = make_inputs(3, 1, 5, 4, dtype=torch.float32)
     x = x[:, 0].detach().requires_grad_()
     packed_Wh = products.pack_weight(Wh.t())
@@ -158,6 +164,13 @@ def test_step_with_a_packed_recurrent_weight_is_the_same_step(given_input_gates,
     packed_grads = torch.autograd.grad(sum(out.sum() for out in packed), inputs)
     assert_all_close(packed, plain, atol=1e-6, rtol=1e-6)
     assert_all_close(packed_grads, plain_grads, atol=0, rtol=0)
+    if packed_Wh is not None:
+        # The product reads the packed copy: packing another weight changes the step.
+        with torch.no_grad():
+            other_Wh = 2 * Wh
+            expected = lstm_step(x, h, c, Wx, other_Wh, b)
+            got = lstm_step(x, h, c, Wx, Wh, b, products.pack_weight(other_Wh.t()))
+        assert_all_close(got, expected, atol=1e-6, rtol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # The packed copy is float32; under autocast the step casts Wh and leaves it out.
         autocast = lstm_step(x, h, c, Wx, Wh, b, packed_Wh)

@@ -112,6 +112,9 @@ def test_packed_weight_gives_the_same_products(rows):
     torch.testing.assert_close(got, out + expected - bias)
     with torch.no_grad():
         torch.testing.assert_close(products.linear(a, weight, bias, packed), expected)
+        # The packed copy is what is read: one of another weight gives that weight's product.
+        other = products.pack_weight(2 * weight)
+        torch.testing.assert_close(products.linear(a, weight, bias, other), 2 * expected - bias)
     with pytest.raises(ValueError, match="not the transpose"):
         products.matmul(a, weight, op, packed=packed)
 
@@ -179,3 +182,29 @@ def test_packed_convolution_equals_conv2d_and_relu6(
         torch.testing.assert_close(copy.deepcopy(as_float64)(x.double()), as_float64(x.double()))
     torch.testing.assert_close(as_float64(x.double()).float(), expected, atol=1e-5, rtol=1e-5)
     assert set(conv.state_dict()) == ({"weight", "bias"} if with_bias else {"weight"})
+
+
+@needs_onednn_convolution
+def test_packed_convolution_follows_its_weight_and_gives_gradients():
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 4, 3, 3, generator=generator)
+    x = torch.randn(2, 4, 9, 9, generator=generator)
+    conv = products.PackedConv2d(weight, None, (1, 1), (1, 1), (1, 1), 1, relu6=False)
+    with torch.inference_mode():
+        conv(x)  # packs the weight for this shape
+
+    # Loading other weights, or changing them in place, packs again.
+    conv.load_state_dict({"weight": 2 * weight})
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, 2 * weight, None, 1, 1))
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), F.conv2d(x, weight, None, 1, 1))
+
+    # oneDNN's operation has no backward: asked for a gradient, the module takes F.conv2d.
+    x.requires_grad_()
+    grad_y = torch.randn(2, 6, 9, 9, generator=generator)
+    (grad_x,) = torch.autograd.grad(conv(x), x, grad_y)
+    (expected,) = torch.autograd.grad(F.conv2d(x, weight, None, 1, 1), x, grad_y)
+    torch.testing.assert_close(grad_x, expected)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lstm import LSTM, lstm_forward, lstm_step
-from .products import linear, pack_weight
+from .products import linear, pack_weight, values_key
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ class Captioner(nn.Module):
         (training steps, ``to()``, loading).
         """
         sources = (self.embedding.weight, self.lstm.Wx, self.lstm.b, self.lstm.Wh)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key = tuple(values_key(t) for t in sources)
         if key != self._decoding_weights_key:
             with torch.no_grad():
                 self._decoding_weights = DecodingWeights(
@@ -218,6 +218,10 @@ class Captioner(nn.Module):
                 )
             self._decoding_weights_key = key
         return self._decoding_weights
+
+    def __getstate__(self) -> dict:
+        # oneDNN's packed tensors cannot be copied or pickled: a copy makes its own.
+        return {**self.__dict__, "_decoding_weights": None, "_decoding_weights_key": None}
 
     def extend_vocab(self, new_size: int) -> None:
         """Grow the vocabulary to ``new_size`` words; old rows keep their trained values."""

@@ -385,9 +385,11 @@ class _LiteTrunk(nn.Module):
                 module.inplace = True
 
     def pack_convolutions(self) -> None:
-        """Run each convolution, and the ReLU6 after it, as one oneDNN primitive on packed
-        weights (:class:`~torch_lstmcap.products.PackedConv2d`), in place; after :meth:`fuse`,
-        on the CPU in float32. Where oneDNN does not apply, the trunk stays as it is.
+        """Fold the trunk (:meth:`fuse`), then run each convolution, and the ReLU6 after it, as
+        one oneDNN primitive on packed weights (:class:`~torch_lstmcap.products.PackedConv2d`),
+        in place; on the CPU in float32. The trunk stays as :meth:`fuse` left it where oneDNN
+        does not apply, and where a layer is not of the kinds this rewrites (squeeze-and-
+        excitation, dilation, other padding), none of which the Lite models have.
 
         The stride-2 layers pad TensorFlow's way, one more row and column at the bottom and
         right than at the top and left (``static_padding``). Their kernel grows by that
@@ -395,6 +397,7 @@ class _LiteTrunk(nn.Module):
         on both sides: each output reads the same pixels with the same weights, and no padded
         copy of the input is made.
         """
+        self.fuse()
         network = self.network
         if not PackedConv2d.applies_to(network._conv_stem.weight):
             return
@@ -413,6 +416,8 @@ class _LiteTrunk(nn.Module):
         for owner, name, relu6 in convolutions:
             conv = getattr(owner, name)
             weight, padding = conv.weight, conv.padding
+            if tuple(conv.dilation) != (1, 1):
+                return
             static_padding = getattr(conv, "static_padding", None)
             if isinstance(static_padding, nn.ZeroPad2d):
                 left, right, top, bottom = static_padding.padding

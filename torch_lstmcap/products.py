@@ -21,6 +21,11 @@ photograph), where that copy is most of the product's work.
 
 `PackedConv2d` does the same for a convolution of the image encoder's inference copy, with
 the ReLU6 after it applied by oneDNN as the convolution writes its output.
+
+Limitation: the oneDNN operations are torch's private ones (``torch.ops.mkldnn.*``, as
+torch.compile uses them); requirements.txt pins the torch they were written against. Where
+one is missing, its caller falls back to torch's own operation, but a changed signature would
+raise instead.
 """
 
 import functools
@@ -40,6 +45,7 @@ __all__ = [
     "onednn_linear",
     "pack_weight",
     "PackedConv2d",
+    "values_key",
 ]
 
 PLAIN_PYTORCH_ENV = "LSTMCAP_FUSED"
@@ -90,6 +96,17 @@ def pack_weight(weight: Tensor) -> Tensor | None:
         return None
     with torch.no_grad():
         return reorder(weight.detach().contiguous(), None)
+
+
+def values_key(tensor: Tensor) -> tuple:
+    """A key that changes whenever tensor's values may have: its storage, dtype, device and
+    version counter, for copies such as packed weights to be made again.
+
+    A tensor made under inference_mode has no version counter (None here); it can only be
+    changed in place under inference_mode, unseen by the key.
+    """
+    version = None if tensor.is_inference() else tensor._version
+    return tensor.data_ptr(), version, tensor.dtype, tensor.device
 
 
 def _weight_t(b: Tensor, packed: Tensor | None) -> Tensor:
@@ -203,11 +220,11 @@ class PackedConv2d(nn.Module):
     """A 2-d convolution, optionally followed by ReLU6, for inference on the CPU in float32.
 
     oneDNN runs it on a copy of the weight in its own blocked layout, made once for each input
-    shape it meets (the best layout depends on the batch size; a few shapes are kept), and
-    clips to [0, 6] as it writes the output instead of in a second pass over it. Where
+    shape it meets (the best layout depends on the batch size; a few shapes are kept) and
+    made again after the weight changes, and clips to [0, 6] as it writes the output instead
+    of in a second pass over it. It runs F.conv2d on the plain weight, which it keeps, where
     ``applies_to`` the weight no longer holds (the module moved with ``to()``, or
-    LSTMCAP_FUSED=0), it runs F.conv2d on the plain weight, which it keeps. No gradient flows
-    through it.
+    LSTMCAP_FUSED=0) and where a gradient is asked for (oneDNN's operation has no backward).
 
     Args:
         weight: (C', C / groups, kh, kw); bias: (C',) or None; stride, padding, dilation,
@@ -226,7 +243,7 @@ class PackedConv2d(nn.Module):
         self.stride, self.padding, self.dilation = list(stride), list(padding), list(dilation)
         self.groups = groups
         self.relu6 = relu6
-        self._packed: dict[tuple[int, ...], Tensor] = {}
+        self._packed: dict[tuple, Tensor] = {}
 
     @staticmethod
     def applies_to(weight: Tensor) -> bool:
@@ -237,16 +254,18 @@ class PackedConv2d(nn.Module):
         return os.environ.get(PLAIN_PYTORCH_ENV, "1") != "0" and _onednn_convolution() is not None
 
     def _packed_weight(self, input_shape: tuple[int, ...]) -> Tensor:
-        packed = self._packed.get(input_shape)
+        weight = self.weight
+        key = (*values_key(weight), input_shape)  # loading or changing the weight packs again
+        packed = self._packed.get(key)
         if packed is None:
             if len(self._packed) >= self.MAX_PACKED_SHAPES:
                 self._packed.clear()
             _, reorder = _onednn_convolution()
             with torch.no_grad():
-                plain = self.weight.contiguous().to_mkldnn()
+                plain = weight.contiguous().to_mkldnn()
                 geometry = (self.padding, self.stride, self.dilation, self.groups)
                 packed = reorder(plain, *geometry, list(input_shape))
-            self._packed[input_shape] = packed
+            self._packed[key] = packed
         return packed
 
     def __getstate__(self) -> dict:
@@ -256,7 +275,8 @@ class PackedConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (N, C, H, W) -> (N, C', H', W'), channels-last from oneDNN."""
         weight, bias = self.weight, self.bias
-        if self.applies_to(weight) and self.applies_to(x):
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if self.applies_to(weight) and self.applies_to(x) and not wants_grad:
             op, _ = _onednn_convolution()
             packed = self._packed_weight(tuple(x.shape))
             geometry = (self.padding, self.stride, self.dilation, self.groups)
