@@ -202,6 +202,11 @@ def test_packed_convolution_follows_its_weight_and_gives_gradients():
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), F.conv2d(x, weight, None, 1, 1))
 
+    # Export records F.conv2d, which the exported program can replay.
+    with torch.no_grad():
+        exported = torch.export.export(conv, (x,)).module()
+        torch.testing.assert_close(exported(x), F.conv2d(x, weight, None, 1, 1))
+
     # oneDNN's operation has no backward: asked for a gradient, the module takes F.conv2d.
     x.requires_grad_()
     grad_y = torch.randn(2, 6, 9, 9, generator=generator)

@@ -224,7 +224,8 @@ class PackedConv2d(nn.Module):
     made again after the weight changes, and clips to [0, 6] as it writes the output instead
     of in a second pass over it. It runs F.conv2d on the plain weight, which it keeps, where
     ``applies_to`` the weight no longer holds (the module moved with ``to()``, or
-    LSTMCAP_FUSED=0) and where a gradient is asked for (oneDNN's operation has no backward).
+    LSTMCAP_FUSED=0), where a gradient is asked for (oneDNN's operation has no backward), and
+    under torch.jit.trace, torch.export and torch.compile.
 
     Args:
         weight: (C', C / groups, kh, kw); bias: (C',) or None; stride, padding, dilation,
@@ -276,7 +277,9 @@ class PackedConv2d(nn.Module):
         """x: (N, C, H, W) -> (N, C', H', W'), channels-last from oneDNN."""
         weight, bias = self.weight, self.bias
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if self.applies_to(weight) and self.applies_to(x) and not wants_grad:
+        # Tracing and export record F.conv2d: they cannot follow the packed weights.
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if self.applies_to(weight) and self.applies_to(x) and not (wants_grad or tracing):
             op, _ = _onednn_convolution()
             packed = self._packed_weight(tuple(x.shape))
             geometry = (self.padding, self.stride, self.dilation, self.groups)
