@@ -22,7 +22,7 @@ from torch_lstmcap import inference
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import EncoderInfo, save_checkpoint
 from torch_lstmcap.datasets import read_flickr8k
-from torch_lstmcap.encoder import build_encoder
+from torch_lstmcap.encoder import ImageLoadError, build_encoder, load_image
 from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path, expand_image_paths
 from torch_lstmcap.vocab import Vocabulary
 
@@ -184,6 +184,17 @@ def test_a_folder_lists_every_image_suffix_in_any_case(tmp_path):
         (tmp_path / name).write_bytes(b"")
 
     assert [path.name for path in expand_image_paths([tmp_path])] == names
+
+
+def test_a_folder_lists_a_broken_link_but_not_a_subfolder(tmp_path):
+    (tmp_path / "album.jpg").mkdir()
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (tmp_path / "photo.png").write_bytes(b"")
+
+    paths = expand_image_paths([tmp_path])
+    assert [path.name for path in paths] == ["gone.jpg", "photo.png"]
+    with pytest.raises(ImageLoadError, match=r"gone\.jpg: no such file"):
+        load_image(paths[0])
 
 
 def test_json_top_k_and_unreadable_files(checkpoint, captioner, photos, tmp_path):

@@ -218,7 +218,8 @@ class ImageCaptioner:
 def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Files stay as given; a folder becomes its image files (by suffix), sorted.
 
-    Only the folder's own files count: subfolders are not searched.
+    Only the folder's own files count: subfolders are not searched. A link to nowhere with an
+    image suffix is listed (its loading fails with a message), a folder with one is not.
 
     Raises:
         ImageLoadError: a folder that cannot be listed (no permission to read it).
@@ -235,7 +236,8 @@ def expand_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
             continue
         try:
             images = [p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
-            paths.extend(sorted(p for p in images if p.is_file()))
+            # A broken link is listed, so that loading it reports it; subfolders are not.
+            paths.extend(sorted(p for p in images if p.is_file() or not p.exists()))
         except OSError as error:
             raise ImageLoadError(f"{item}: cannot list folder ({error.strerror})") from None
     return paths
