@@ -72,8 +72,7 @@ class DecodingWeights:
     """What a decoding step reads in place of the captioner's own weights, made once.
 
     input_gates: (V, 4E) ``embed(w) @ Wx + b`` for every word w, the input part of the LSTM
-        gates: a step reads B rows of it instead of multiplying (B, E) by (E, 4E), about a
-        fifth of a beam-search step on the CPU.
+        gates: a step reads B rows of it instead of multiplying (B, E) by (E, 4E).
     packed_Wh: (4E, E) the recurrent weight, and packed_embedding: (V, E) the tied output
         layer's, in oneDNN's own layout (``products.pack_weight``), or None off oneDNN: the
         products of a step then skip copying them into it, most of their work when a search

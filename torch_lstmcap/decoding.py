@@ -314,9 +314,9 @@ def beam_search(
     completed: list[list[Caption]] = [[] for _ in range(batch_size)]
 
     # Limitation: most of a search's time is the step's two matrix products (the recurrent one
-    # and the output layer), already on oneDNN in float32; on 2 CPU cores beam search still
-    # costs a folder about a tenth of the encoder's time (benchmarks/caption_speed.py,
-    # caption_tensor against the encoder alone).
+    # and the output layer), already on oneDNN in float32 on packed weights; on 2 CPU cores
+    # beam search still costs a folder a quarter or more of the encoder's time
+    # (benchmarks/caption_speed.py, caption_tensor against the encoder alone).
     live = beam_log_prob.isfinite()  # open hypotheses that can still be chosen
     for step in range(max_length):
         live_rows, log_probs, state = _step_live_rows(model, words, state, live)

@@ -21,11 +21,6 @@ photograph), where that copy is most of the product's work.
 
 `PackedConv2d` does the same for a convolution of the image encoder's inference copy, with
 the ReLU6 after it applied by oneDNN as the convolution writes its output.
-
-Limitation: the oneDNN operations are torch's private ones (``torch.ops.mkldnn.*``, as
-torch.compile uses them); requirements.txt pins the torch they were written against. Where
-one is missing, its caller falls back to torch's own operation, but a changed signature would
-raise instead.
 """
 
 import functools
@@ -50,6 +45,11 @@ __all__ = [
 
 PLAIN_PYTORCH_ENV = "LSTMCAP_FUSED"
 """Set to 0, the package runs plain PyTorch operations only: no fused kernel, no oneDNN."""
+
+# Limitation: the oneDNN operations below are torch's private ones (torch.ops.mkldnn.*, as
+# torch.compile uses them); requirements.txt pins the torch they were written against. Where
+# one is missing, its caller falls back to torch's own operation, but a changed signature
+# would raise instead.
 
 
 @functools.cache
