@@ -510,7 +510,7 @@ def train(args, runtime: Distributed) -> int:
         if runtime.is_main:
             if args.fine_tune_encoder:
                 # The cached validation features belong to the encoder before tuning.
-                features, failed = encode_records(encoder, val_split.records, device)
+                features, failed = encode_records(encoder, val_split.records)
                 val_split = Split(val_split.records, features, failed)
             scores, predictions = evaluate(
                 model,
@@ -642,7 +642,7 @@ def evaluate_checkpoint(args) -> int:
         split = load_split(
             args, args.split, encoder, Distributed(), False, limit=args.max_val_images
         )
-        features, failed = encode_records(encoder.to(args.device), split.records, args.device)
+        features, failed = encode_records(encoder.to(args.device), split.records)
         split = Split(split.records, features, failed)
     start = time.perf_counter()
     scores, _ = evaluate(

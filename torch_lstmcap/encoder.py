@@ -316,6 +316,20 @@ class ImageEncoder(nn.Module):
         """RGB PIL image -> (3, S, S) input tensor."""
         return preprocess(image, self.preprocessing)
 
+    def device(self) -> torch.device:
+        """Where the encoder's weights are (a packed copy keeps them as buffers)."""
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels: (N, 3, S, S) preprocessed, on any device -> (N, C) float32 pooled features
+        on the encoder's device. The pixels move there first, in channels-last memory on the
+        CPU: the layout :meth:`for_inference` gives the weights."""
+        device = self.device()
+        pixels = pixels.to(device)
+        if device.type == "cpu":
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self(pixels).float()
+
     def for_inference(self, device: torch.device | str | None = None) -> ImageEncoder:
         """A copy of this encoder for inference only: eval mode, no gradients, on ``device``
         (default: where this encoder is), in channels-last memory on the CPU (the layout
@@ -332,9 +346,7 @@ class ImageEncoder(nn.Module):
             encoder.trunk.fuse()
         if device is not None:
             encoder.to(device)
-        # A packed copy keeps its weights as buffers, not parameters.
-        weight = next(itertools.chain(encoder.parameters(), encoder.buffers()))
-        if weight.device.type == "cpu":
+        if encoder.device().type == "cpu":
             encoder.to(memory_format=torch.channels_last)
             if lite:
                 encoder.trunk.pack_convolutions()

@@ -133,7 +133,6 @@ def _fill(
     encoder, image_paths, features, state, progress_path, batch_size, device, num_workers, progress
 ):
     encoder = encoder.for_inference(device)
-    channels_last = torch.device(device).type == "cpu"
 
     start = state["done"]
     batches = iter_image_batches(
@@ -142,7 +141,7 @@ def _fill(
         batch_size,
         num_workers,
         start=start,
-        read_ahead=not channels_last,  # on the CPU, see iter_image_batches
+        read_ahead=encoder.device().type != "cpu",  # see iter_image_batches
     )
     bar = tqdm(
         total=len(image_paths), initial=start, unit="img", desc="features", disable=not progress
@@ -154,10 +153,7 @@ def _fill(
                 state["failed"][str(index)] = reason
                 features[index] = 0.0
             if batch.indices:
-                pixels = batch.pixels.to(device)
-                if channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                pooled = encoder(pixels).float().cpu().numpy()  # (B, C)
+                pooled = encoder.encode(batch.pixels).cpu().numpy()  # (B, C)
                 features[batch.indices] = pooled
             count = len(batch.indices) + len(batch.errors)
             features.flush()

@@ -100,10 +100,7 @@ class ImageCaptioner:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels: (B, 3, S, S) preprocessed -> features (B, F) float32, on the device."""
-        pixels = pixels.to(self.device)
-        if self.device.type == "cpu":
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        return self.encoder(pixels).float()
+        return self.encoder.encode(pixels)
 
     @torch.inference_mode()
     def caption_features(

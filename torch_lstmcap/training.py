@@ -194,11 +194,11 @@ class EncoderDecoder(nn.Module):
 def encode_records(
     encoder: ImageEncoder,
     records: Sequence[ImageCaptions],
-    device: torch.device,
     batch_size: int = 32,
     num_workers: int = 2,
 ) -> tuple[torch.Tensor, set[int]]:
-    """Pooled features of every photograph, with the encoder as it is now (not cached).
+    """Pooled features of every photograph, with the encoder as it is now (not cached), on
+    the encoder's device.
 
     Returns:
         features (N, F) float32 on the CPU (zeros for unreadable photographs), and the
@@ -208,14 +208,14 @@ def encode_records(
     paths = [record.image_path for record in records]
     features = torch.zeros(len(paths), encoder.feature_dim)
     failed = set()
-    read_ahead = torch.device(device).type != "cpu"  # see iter_image_batches
+    read_ahead = encoder.device().type != "cpu"  # see iter_image_batches
     batches = iter_image_batches(
         paths, encoder.preprocessing, batch_size, num_workers, read_ahead=read_ahead
     )
     for batch in batches:
         failed.update(batch.errors)
         if batch.indices:
-            features[batch.indices] = encoder(batch.pixels.to(device)).float().cpu()
+            features[batch.indices] = encoder.encode(batch.pixels).cpu()
     return features, failed
 
 
