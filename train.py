@@ -165,7 +165,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--warmup-steps",
         type=int,
         default=300,
-        help="steps of linear learning-rate warm-up before the cosine decay",
+        help="steps of linear learning-rate warm-up before the cosine decay (at most a tenth "
+        "of the run's steps, so that a short fine-tuning run reaches its --lr)",
     )
     optim.add_argument(
         "--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy"
@@ -327,7 +328,11 @@ def build_optimizer(args, model: Captioner, encoder, steps_per_epoch: int):
     if args.fine_tune_encoder:
         groups.append({"params": list(encoder.parameters()), "lr": args.encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
-    factor = warmup_cosine(args.epochs * steps_per_epoch, args.warmup_steps)
+    total_steps = args.epochs * steps_per_epoch
+    warmup_steps = min(args.warmup_steps, total_steps // 10)
+    if warmup_steps < args.warmup_steps:
+        log.info("warm-up shortened to %d steps, a tenth of the run", warmup_steps)
+    factor = warmup_cosine(total_steps, warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
@@ -447,6 +452,7 @@ def train(args, runtime: Distributed) -> int:
             f"--batch-size {args.batch_size} leaves no full batch: the training split has "
             + units
             + (f" for {runtime.world_size} processes" if runtime.world_size > 1 else "")
+            + "; use a smaller --batch-size"
         )
     optimizer, scheduler = build_optimizer(args, model, encoder, len(loader))
     wrapped = EncoderDecoder(encoder, model) if args.fine_tune_encoder else model

@@ -404,7 +404,7 @@ def test_batch_size_over_the_split_is_one_error_not_an_empty_epoch(trained, tmp_
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         f"error: --batch-size {TRAIN_IMAGES * 5 + 1} leaves no full batch: the training split "
-        f"has {TRAIN_IMAGES * 5} captions"
+        f"has {TRAIN_IMAGES * 5} captions; use a smaller --batch-size"
     ]
     assert not (run / "best.safetensors").exists()
 
@@ -717,3 +717,24 @@ def test_bfloat16_autocast_epoch_matches_float32_within_tolerance():
     assert mixed[-1] < mixed[0], mixed
     assert mixed != full, "autocast changed nothing: was bfloat16 used at all?"
     assert np.allclose(mixed, full, rtol=0.02, atol=0.02), (mixed, full)
+
+
+@pytest.mark.parametrize(
+    ("epochs", "warmup_steps", "first_full_step"), [(2, 300, 3), (200, 300, 299), (2, 0, 0)]
+)
+def test_warm_up_takes_at_most_a_tenth_of_the_run(epochs, warmup_steps, first_full_step):
+    # A short fine-tuning run must reach its --lr: 2 epochs of 20 steps and the default 300
+    # warm-up steps would otherwise end at a thirtieth of it.
+    args = SimpleNamespace(
+        lr=1e-3, fine_tune_encoder=False, weight_decay=0.0, epochs=epochs, warmup_steps=warmup_steps
+    )
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = train.build_optimizer(args, model, None, steps_per_epoch=20)
+    rates = []
+    for _ in range(epochs * 20):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert max(rates) == pytest.approx(1e-3)
+    # Warm-up of W steps reaches the full rate at step W - 1.
+    assert rates.index(max(rates)) == first_full_step
