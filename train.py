@@ -43,6 +43,7 @@ from torch_lstmcap.checkpoint import (
     save_checkpoint,
 )
 from torch_lstmcap.datasets import DATA_FORMATS, DatasetError, ImageCaptions, load_dataset
+from torch_lstmcap.decoding import DEFAULT_LENGTH_PENALTY
 from torch_lstmcap.encoder import ENCODERS, EncoderError, build_encoder
 from torch_lstmcap.features import build_feature_cache
 from torch_lstmcap.memory import keep_freed_memory
@@ -87,7 +88,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--data-format", required=True, choices=DATA_FORMATS)
+    data.add_argument(
+        "--data-format",
+        required=True,
+        choices=DATA_FORMATS,
+        help="dataset layout (see the README's table)",
+    )
     data.add_argument("--data-root", required=True, type=Path, help="dataset folder")
     data.add_argument(
         "--split-file",
@@ -95,7 +101,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Karpathy JSON or CSV caption file (CSV, when unset: <split>.csv or captions.csv "
         "inside --data-root)",
     )
-    data.add_argument("--split", default="test", help="split scored by --eval-only")
+    data.add_argument(
+        "--split",
+        default="test",
+        help="split scored by --eval-only (val for a Flickr8k copy without its test split)",
+    )
     data.add_argument("--year", type=int, default=2017, help="COCO release year")
     data.add_argument("--max-images", type=int, help="use only the first N training images")
     data.add_argument(
@@ -203,8 +213,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     decode.add_argument(
         "--beam-size", type=int, default=3, help="beam size for validation and --eval-only"
     )
-    decode.add_argument("--length-penalty", type=float, help="length normalisation exponent")
-    decode.add_argument("--eval-only", action="store_true")
+    decode.add_argument(
+        "--length-penalty",
+        type=float,
+        default=DEFAULT_LENGTH_PENALTY,
+        help="length normalisation exponent of beam search",
+    )
+    decode.add_argument(
+        "--eval-only", action="store_true", help="score --checkpoint on --split; no training"
+    )
     decode.add_argument("--checkpoint", type=Path, help="checkpoint scored by --eval-only")
     decode.add_argument("--metrics-out", type=Path, help="JSON file for --eval-only scores")
     decode.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -423,6 +440,16 @@ def train(args, runtime: Distributed) -> int:
         args, "train", encoder, runtime, not args.fine_tune_encoder, limit=args.max_images
     )
     val_split = load_split(args, "val", encoder, runtime, True, limit=args.max_val_images)
+    trained_on = {record.image_path for record in train_split.records}
+    shared = sum(record.image_path in trained_on for record in val_split.records)
+    if shared:
+        # A CSV without a split column, given for both splits, is the usual way here.
+        log.warning(
+            "warning: %d of the %d validation photographs are also training photographs: "
+            "best.safetensors is chosen on data it was trained on",
+            shared,
+            len(val_split.records),
+        )
 
     if resumed is not None:
         vocab, model = resumed.vocab, resumed.model

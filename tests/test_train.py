@@ -570,6 +570,11 @@ def test_train_on_a_csv_of_photographs_skips_an_unreadable_one(trained, tmp_path
     assert status == 0, stderr
     assert epochs_logged(run) == [1, 2]
     assert any("broken.jpg" in message for message in caplog.messages)
+    # One file without a split column serves both splits, and the run says so.
+    assert (
+        "warning: 9 of the 9 validation photographs are also training photographs: "
+        "best.safetensors is chosen on data it was trained on"
+    ) in caplog.messages
     tuned = load_checkpoint(run / "best.safetensors")
     assert tuned.vocab == load_checkpoint(trained.best).vocab
     page = (run / "samples.html").read_text(encoding="utf-8")
