@@ -1,16 +1,18 @@
 import copy
+import os
 import re
 import socket
 import struct
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, features
+from PIL import Image, PngImagePlugin, features
 from shared_data import DATA
 
 import torch_lstmcap.encoder as encoder_module
@@ -743,6 +745,46 @@ def test_file_that_is_not_a_photograph(tmp_path, name, make):
     path = tmp_path / name
     make(path)
     with pytest.raises(ImageLoadError) as error:
+        load_image(path)
+    assert_one_line_naming(error, path)
+
+
+def test_png_whose_text_chunk_is_too_large_is_one_error(tmp_path):
+    # PIL raises ValueError here, not OSError, as it opens the file.
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (2 * PngImagePlugin.MAX_TEXT_CHUNK), zip=True)
+    path = tmp_path / "chatty.png"
+    quadrants(8, 8).save(path, pnginfo=info)
+    with pytest.raises(ImageLoadError, match="cannot read image") as error:
+        load_image(path)
+    assert_one_line_naming(error, path)
+
+
+def test_damaged_exif_loads_without_a_warning(tmp_path):
+    exif = Image.Exif()
+    exif[270] = "a description longer than what is left of the EXIF block" * 2
+    path = tmp_path / "phone.jpg"
+    quadrants(32, 24).save(path, exif=exif.tobytes()[:-60])
+    with pytest.warns(UserWarning), Image.open(path):  # PIL's warning, kept by load_image
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(path).size == (32, 24)
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda path: path.symlink_to(path.parent / "gone.jpg"), "broken symbolic link to "),
+        (lambda path: path.symlink_to(path), "symbolic link loop"),
+        (lambda path: os.mkfifo(path), "not a regular file"),
+    ],
+    ids=["broken-link", "link-loop", "fifo"],
+)
+def test_path_that_is_not_a_regular_file_says_what_it_is(tmp_path, make, why):
+    path = tmp_path / "photo.jpg"
+    make(path)
+    with pytest.raises(ImageLoadError, match=why) as error:
         load_image(path)
     assert_one_line_naming(error, path)
 

@@ -20,6 +20,7 @@ quantises well.
 from __future__ import annotations
 
 import copy
+import errno
 import importlib
 import itertools
 import logging
@@ -156,7 +157,7 @@ def load_image(
         if path.is_dir():
             raise ImageLoadError(f"{path}: is a directory, not an image file")
         if not path.is_file():
-            raise ImageLoadError(f"{path}: no such file")
+            raise ImageLoadError(f"{path}: {_why_not_a_file(path)}")
         if path.stat().st_size == 0:
             raise ImageLoadError(f"{path}: file is empty")
     except OSError as error:
@@ -165,7 +166,9 @@ def load_image(
 
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # Pixel counts are checked below. PIL also warns about damaged metadata, common
+            # in phone photographs, and goes on; so does this function, without a warning.
+            warnings.simplefilter("ignore")
             image = Image.open(path)
     except Image.DecompressionBombError as error:
         raise ImageLoadError(
@@ -175,6 +178,10 @@ def load_image(
         raise ImageLoadError(f"{path}: not an image file in a format PIL can read") from None
     except OSError as error:
         raise ImageLoadError(f"{path}: cannot open ({_one_line(error)})") from None
+    except Exception as error:
+        # A damaged header can make a format's reader raise anything (ValueError for an
+        # oversized PNG text chunk, NotImplementedError, ...): this file cannot be used.
+        raise ImageLoadError(f"{path}: cannot read image ({_one_line(error)})") from None
 
     with image:
         width, height = image.size
@@ -189,12 +196,30 @@ def load_image(
                 # Only JPEG implements draft; for other formats it does nothing.
                 image.draft(None, (min_side, min_side))
             image.load()
-            ImageOps.exif_transpose(image, in_place=True)
+            with _OPEN_LOCK, warnings.catch_warnings():  # damaged metadata, as above
+                warnings.simplefilter("ignore")
+                ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image)
         except Exception as error:
             # A damaged file can make PIL raise almost anything (OSError, SyntaxError,
             # struct.error, IndexError, ...); each one means this file cannot be used.
             raise ImageLoadError(f"{path}: cannot decode image ({_one_line(error)})") from None
+
+
+def _why_not_a_file(path: Path) -> str:
+    """Why ``path``, which is not a regular file or a folder, cannot be read as one."""
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:  # Python before 3.13 reports a symbolic link loop so
+            return "symbolic link loop"
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return "symbolic link loop"
+            return f"broken symbolic link to {os.readlink(path)}"
+    if path.exists():
+        return "not a regular file"
+    return "no such file"
 
 
 def _one_line(error: BaseException, limit: int = 200) -> str:
