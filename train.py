@@ -307,6 +307,11 @@ def build_vocab(args, records: list[ImageCaptions], base: Vocabulary | None) -> 
         vocab = base.extend(captions, args.min_count)
     else:
         vocab = base
+    if not vocab.num_words:
+        raise DatasetError(
+            f"no word of the training captions occurs --min-count {args.min_count} times or "
+            "more: the vocabulary would hold only its special tokens"
+        )
     words = [word for caption in captions for word in tokenize(caption)]
     unknown = sum(word not in vocab for word in words)
     log.info(

@@ -220,6 +220,12 @@ def test_vocab_mismatch(saved):
     assert load_checkpoint(path, expect_vocab=make_vocab()).vocab == make_vocab()
 
 
+def test_vocab_of_special_tokens_only_is_refused(tmp_path):
+    model = Captioner(CaptionerConfig(len(SPECIALS), FEATURE_DIM, HIDDEN_SIZE))
+    path = save_checkpoint(tmp_path / "x.safetensors", model, Vocabulary(SPECIALS), ENCODER)
+    assert_one_line_error(path, "its vocabulary holds no words, only <pad> <start> <end> <unk>")
+
+
 def test_save_refuses_a_vocab_of_another_size(tmp_path):
     with pytest.raises(CheckpointError, match="vocabulary has 49 words"):
         save_checkpoint(tmp_path / "x.safetensors", make_model(), make_vocab(49), ENCODER)

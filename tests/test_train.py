@@ -581,6 +581,25 @@ def test_train_on_a_csv_of_photographs_skips_an_unreadable_one(trained, tmp_path
     assert page.count("<img ") == 8 and "broken.jpg" not in page
 
 
+@pytest.mark.slow
+def test_a_vocabulary_of_special_tokens_only_is_refused(tmp_path, cache):
+    photos = write_csv_dataset(tmp_path / "photos", count=4)
+    run = tmp_path / "run"
+    status, stdout, stderr = run_main(
+        [
+            "--data-format", "csv", "--data-root", str(photos), "--out", str(run),
+            "--cache-dir", str(cache), "--min-count", "1000", "--epochs", "1", *QUICK,
+        ]
+    )  # fmt: skip
+    assert status == 1 and stdout == ""
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: no word of the training captions occurs --min-count 1000 times or more: "
+        "the vocabulary would hold only its special tokens"
+    ]
+    assert not (run / "best.safetensors").exists()
+
+
 def write_csv_dataset(folder: Path, count: int, broken: str | None = None) -> Path:
     """``folder/captions.csv`` (image,caption) over ``count`` Flickr8k dev photographs, linked
     into ``folder/images``, with their human captions; plus an unreadable photograph if asked."""

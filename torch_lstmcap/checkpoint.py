@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from .captioner import Captioner, CaptionerConfig
 from .encoder import Preprocessing
-from .vocab import Vocabulary
+from .vocab import SPECIALS, Vocabulary
 
 FORMAT_NAME = "torch_lstmcap"
 FORMAT_VERSION = 1
@@ -193,6 +193,8 @@ def load_checkpoint(
 
     header = _parse_header(path, metadata)
     vocab = header["vocab"]
+    if not vocab.num_words:
+        raise CheckpointError(f"{path}: its vocabulary holds no words, only {' '.join(SPECIALS)}")
     if expect_vocab is not None and vocab != expect_vocab:
         raise CheckpointError(f"{path}: {_vocab_difference(vocab, expect_vocab)}")
     config = header["config"]

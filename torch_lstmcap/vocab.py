@@ -90,6 +90,11 @@ class Vocabulary:
         """
         return Vocabulary(self._words + _frequent_words(captions, min_count, set(self._words)))
 
+    @property
+    def num_words(self) -> int:
+        """How many words there are besides the special tokens."""
+        return len(self._words) - len(SPECIALS)
+
     def __len__(self) -> int:
         return len(self._words)
 
