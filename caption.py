@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_IMAGE_FAILED, EXIT_USAGE = 0, 1, 2
+# Beam search keeps beam_size rows per photograph, each scoring the whole vocabulary.
+MAX_BEAM_SIZE = 100
 TRAIN_HINT = (
     "python train.py --data-format flickr8k --data-root ../shared/data/flickr8k "
     "--out runs/flickr8k, then pass --checkpoint runs/flickr8k/best.safetensors"
@@ -40,7 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint", type=Path, help="model file; without it, the bundled Flickr8k model"
     )
-    parser.add_argument("--beam-size", type=int, default=3, help="hypotheses kept per image")
+    parser.add_argument(
+        "--beam-size", type=int, default=3, help=f"hypotheses kept per image (1-{MAX_BEAM_SIZE})"
+    )
     parser.add_argument("--top-k", type=int, default=1, help="captions per image")
     parser.add_argument("--max-length", type=int, default=20, help="words per caption at most")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
@@ -87,12 +91,18 @@ def main(argv=None) -> int:
         return usage_error("standard output is closed")
     if args.beam_size < 1 or args.batch_size < 1 or args.max_length < 2:
         return usage_error("--beam-size and --batch-size must be >= 1, --max-length >= 2")
+    if args.beam_size > MAX_BEAM_SIZE:
+        return usage_error(f"--beam-size must be at most {MAX_BEAM_SIZE}, got {args.beam_size}")
     if not 1 <= args.top_k <= args.beam_size:
         return usage_error(f"--top-k must be between 1 and --beam-size ({args.beam_size})")
-    if args.checkpoint is not None and args.checkpoint.is_dir():
-        return usage_error(f"{args.checkpoint}: is a folder, not a checkpoint file")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        return usage_error(f"{args.checkpoint}: no such checkpoint file")
+    if args.checkpoint is not None:
+        try:
+            if args.checkpoint.is_dir():
+                return usage_error(f"{args.checkpoint}: is a folder, not a checkpoint file")
+            if not args.checkpoint.is_file():
+                return usage_error(f"{args.checkpoint}: no such checkpoint file")
+        except OSError as error:  # a name too long, a folder on the way that may not be searched
+            return usage_error(f"{args.checkpoint}: cannot open ({error.strerror})")
 
     # Heavy imports after argument checks, so --help and usage errors answer at once.
     from torch_lstmcap.memory import keep_freed_memory
@@ -123,6 +133,8 @@ def main(argv=None) -> int:
         captioner = ImageCaptioner.from_checkpoint(checkpoint, device=args.device)
     except (CheckpointError, EncoderError) as error:
         return usage_error(printable(str(error)))
+    except OSError as error:
+        return usage_error(f"{printable(str(checkpoint))}: cannot open ({error.strerror})")
 
     failed = len(unlisted)
     for item, error in unlisted:
@@ -135,24 +147,34 @@ def main(argv=None) -> int:
         top_k=args.top_k,
         max_length=args.max_length,
     )
-    for result in results:
-        if result.error is not None:
-            failed += 1
-            report_error(result.image, result.error, args.json)
-            continue
-        best = result.captions[0]
-        if args.json:
-            record = {"image": result.image, "caption": best.text, "log_prob": best.log_prob}
-            if args.top_k > 1:
-                record["captions"] = [
-                    {"caption": c.text, "log_prob": c.log_prob} for c in result.captions
-                ]
-            print(json_line(record), flush=True)
-        else:
-            texts = [c.text for c in result.captions]
-            prefix = "" if len(paths) == 1 else f"{printable(result.image)}\t"
-            print(prefix + "\t".join(texts), flush=True)
+    try:
+        for result in results:
+            if result.error is not None:
+                failed += 1
+                report_error(result.image, result.error, args.json)
+            else:
+                print(format_result(result, args, single=len(paths) == 1), flush=True)
+    except BrokenPipeError:
+        # The reader went away (caption.py ... | head): stop quietly, as Unix tools do, with
+        # the status of what was done. Python flushes stdout once more at exit, so it must
+        # point somewhere that accepts the bytes.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_IMAGE_FAILED if failed else EXIT_OK
+
+
+def format_result(result, args, single: bool) -> str:
+    """The output line of a captioned image: JSON, or the captions (after its path and a tab
+    when there are several images)."""
+    best = result.captions[0]
+    if args.json:
+        record = {"image": result.image, "caption": best.text, "log_prob": best.log_prob}
+        if args.top_k > 1:
+            record["captions"] = [
+                {"caption": c.text, "log_prob": c.log_prob} for c in result.captions
+            ]
+        return json_line(record)
+    prefix = "" if single else f"{printable(result.image)}\t"
+    return prefix + "\t".join(c.text for c in result.captions)
 
 
 def report_error(image: str, error: str, as_json: bool) -> None:

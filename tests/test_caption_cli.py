@@ -48,6 +48,16 @@ WITHOUT_BUNDLED_MODEL = (
     "runpy.run_path('caption.py', run_name='__main__')\n"
 )
 
+# caption.py run as __main__ decoding each batch as soon as it is encoded, so that its output
+# comes a line at a time and a pipe closed after the first line breaks on a later one.
+ONE_BATCH_AT_A_TIME = (
+    "import runpy, sys\n"
+    "import torch_lstmcap.inference as inference\n"
+    "inference.DECODE_GROUP = 1\n"
+    "sys.argv = ['caption.py', *sys.argv[1:]]\n"
+    "runpy.run_path('caption.py', run_name='__main__')\n"
+)
+
 
 def start_caption(*args, command: tuple[str, ...] = ("caption.py",)) -> subprocess.Popen:
     return subprocess.Popen(
@@ -240,7 +250,7 @@ def test_json_top_k_and_unreadable_files(checkpoint, captioner, photos, tmp_path
 def test_a_closed_pipe_ends_quietly(checkpoint, photos):
     """``caption.py ... | head -1``: the first line, then no traceback when head has gone."""
     args = (*photos, "--json", "--batch-size", "1", "--checkpoint", checkpoint)
-    with start_caption(*args) as process:
+    with start_caption(*args, command=("-c", ONE_BATCH_AT_A_TIME)) as process:
         first_line = process.stdout.readline()
         # Closing the pipe while later batches are still being captioned makes their writes
         # fail, as they do when head exits.
@@ -252,6 +262,19 @@ def test_a_closed_pipe_ends_quietly(checkpoint, photos):
     assert set(record) == {"image", "caption", "log_prob"}
     assert record["image"] == str(photos[0])
     assert (returncode, stderr) == (0, "")
+
+
+def test_a_closed_pipe_keeps_the_status_of_an_image_that_failed(checkpoint, photos, tmp_path):
+    gone = tmp_path / "gone.jpg"
+    args = (gone, *photos, "--batch-size", "1", "--checkpoint", checkpoint)
+    with start_caption(*args, command=("-c", ONE_BATCH_AT_A_TIME)) as process:
+        first_line = process.stdout.readline()
+        process.stdout.close()
+        stderr = process.stderr.read()
+        returncode = process.wait(timeout=TIMEOUT_S)
+
+    assert first_line.startswith(f"{photos[0]}\t")
+    assert (returncode, stderr) == (1, f"caption.py: {gone}: no such file\n")
 
 
 def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
@@ -272,6 +295,14 @@ def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
             "nowhere.safetensors",
         ),
         "corrupt checkpoint": (["caption.py", photo, "--checkpoint", corrupt], str(corrupt)),
+        "checkpoint name too long": (
+            ["caption.py", photo, "--checkpoint", tmp_path / ("m" * 300 + ".safetensors")],
+            "cannot open (File name too long)",
+        ),
+        "beam size over the limit": (
+            ["caption.py", photo, "--beam-size", "101"],
+            "--beam-size must be at most 100, got 101",
+        ),
         "no bundled model": (["-c", WITHOUT_BUNDLED_MODEL, no_model_dir, photo], "train.py"),
     }
     if not torch.cuda.is_available():
