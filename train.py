@@ -151,7 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--out", type=Path, help="run directory (checkpoints, logs, plots)")
+    optim.add_argument("--out", type=run_dir, help="run directory (checkpoints, logs, plots)")
     optim.add_argument(
         "--objective",
         choices=OBJECTIVES,
@@ -737,6 +737,13 @@ def _args_json(args) -> dict:
     }
 
 
+def run_dir(text: str) -> Path:
+    """--out: an empty name would put the run's files in the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("needs the name of a folder, got an empty one")
+    return Path(text)
+
+
 def check_ranges(parser: argparse.ArgumentParser, args) -> None:
     """Refuse values that would only fail later, after the features were computed."""
     at_least = {
@@ -751,6 +758,7 @@ def check_ranges(parser: argparse.ArgumentParser, args) -> None:
         "--samples-per-image": (args.samples_per_image, 2),
         "--max-images": (args.max_images, 1),
         "--max-val-images": (args.max_val_images, 1),
+        "--num-workers": (args.num_workers, 0),
     }
     for flag, (value, low) in at_least.items():
         if value is not None and value < low:
@@ -835,6 +843,18 @@ def main(argv=None) -> int:
         return 1
     except OSError as error:
         print(f"error: {_os_error_message(error)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as error:
+        # torch reports a failed CPU allocation as a plain RuntimeError.
+        if not isinstance(error, MemoryError | torch.OutOfMemoryError) and (
+            "can't allocate memory" not in str(error)
+        ):
+            raise
+        print(
+            "error: out of memory; a smaller --batch-size, --hidden-size or "
+            "--samples-per-image needs less",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         if args.eval_only:

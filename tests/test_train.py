@@ -325,6 +325,8 @@ def test_resume_without_a_checkpoint_fails_before_computing_features(tmp_path, m
         (["--clip-norm", "-1"], "--clip-norm must be a positive number, got -1.0"),
         (["--encoder-lr", "0"], "--encoder-lr must be a positive number, got 0.0"),
         (["--warmup-steps", "-3"], "--warmup-steps must be at least 0, got -3"),
+        (["--num-workers", "-1"], "--num-workers must be at least 0, got -1"),
+        (["--out", ""], "argument --out: needs the name of a folder, got an empty one"),
     ],
 )
 def test_out_of_range_options_are_one_line_usage_errors(tmp_path, capsys, option, message):
@@ -333,6 +335,37 @@ def test_out_of_range_options_are_one_line_usage_errors(tmp_path, capsys, option
     assert exit_info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     assert f": error: {message}" in line
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        MemoryError(),
+    ],
+    ids=["cpu", "cuda", "python"],
+)
+def test_out_of_memory_is_one_error_line(tmp_path, monkeypatch, error):
+    def run_out_of_memory(args, runtime):
+        raise error
+
+    monkeypatch.setattr(train, "train", run_out_of_memory)
+    status, stdout, stderr = run_main(flickr8k_args(tmp_path / "run", tmp_path))
+    assert (status, stdout) == (1, "")
+    assert stderr.splitlines() == [
+        "error: out of memory; a smaller --batch-size, --hidden-size or --samples-per-image "
+        "needs less"
+    ]
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
+    def run_into_a_bug(args, runtime):
+        raise RuntimeError("shapes do not match")
+
+    monkeypatch.setattr(train, "train", run_into_a_bug)
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        run_main(flickr8k_args(tmp_path / "run", tmp_path))
 
 
 def test_out_that_is_a_file_is_a_usage_error(tmp_path, capsys):
