@@ -334,11 +334,6 @@ def build_model(args, vocab: Vocabulary, encoder, base: Checkpoint | None) -> Ca
             image_at_output=args.image_at_output,
         )
         return Captioner(config)
-    if base.encoder.name != encoder.name:
-        raise CheckpointError(
-            f"{args.init_from} was trained on encoder {base.encoder.name}, "
-            f"not {encoder.name}; pass --encoder {base.encoder.name}"
-        )
     model = base.model
     if len(vocab) > model.config.vocab_size:
         model.extend_vocab(len(vocab))
@@ -441,6 +436,12 @@ def train(args, runtime: Distributed) -> int:
             base = load_checkpoint(args.init_from)
     seed_everything(args.seed + runtime.rank)
     encoder = build_encoder(args.encoder)
+    if base is not None and base.encoder.name != encoder.name:
+        # Before any photograph is encoded with the wrong encoder.
+        raise CheckpointError(
+            f"{args.init_from} was trained on encoder {base.encoder.name}, "
+            f"not {encoder.name}; pass --encoder {base.encoder.name}"
+        )
     train_split = load_split(
         args, "train", encoder, runtime, not args.fine_tune_encoder, limit=args.max_images
     )
@@ -820,6 +821,7 @@ def main(argv=None) -> int:
     keep_freed_memory()
 
     runtime = Distributed()
+    made_out = not args.eval_only and not args.out.exists()
     try:
         if args.eval_only:
             return evaluate_checkpoint(args)
@@ -868,6 +870,8 @@ def main(argv=None) -> int:
     finally:
         if runtime.world_size > 1:
             dist.destroy_process_group()
+        if made_out and runtime.is_main and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()  # a run that failed before writing anything leaves no folder
 
 
 if __name__ == "__main__":

@@ -296,6 +296,16 @@ def test_unknown_data_format_is_a_usage_error(tmp_path, capsys):
     assert "invalid choice: 'parquet'" in error and "flickr8k" in error
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tmp_path):
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "new", tmp_path / "mine"):
+        argv = ["--data-format", "flickr8k", "--data-root", str(tmp_path / "nowhere")]
+        status, _, stderr = run_main([*argv, "--out", str(out), "--cache-dir", str(tmp_path)])
+        assert status == 1 and "nowhere" in stderr
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_resume_without_a_checkpoint_fails_before_computing_features(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "build_encoder", lambda name: pytest.fail("encoder was built"))
     status, _, stderr = run_main([*flickr8k_args(tmp_path / "new", tmp_path), "--resume"])
@@ -612,6 +622,22 @@ def test_train_on_a_csv_of_photographs_skips_an_unreadable_one(trained, tmp_path
     assert tuned.vocab == load_checkpoint(trained.best).vocab
     page = (run / "samples.html").read_text(encoding="utf-8")
     assert page.count("<img ") == 8 and "broken.jpg" not in page
+
+
+@pytest.mark.slow
+def test_init_from_another_encoder_is_refused_before_encoding(trained, tmp_path, monkeypatch):
+    def encode(*args, **kwargs):
+        pytest.fail("photographs were encoded with the wrong encoder")
+
+    monkeypatch.setattr(train, "build_feature_cache", encode)
+    argv = [*flickr8k_args(tmp_path / "run", tmp_path), "--init-from", str(trained.best)]
+    status, stdout, stderr = run_main([*argv, "--encoder", "efficientnet-lite2"])
+    assert (status, stdout) == (1, "")
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert line.endswith(
+        "was trained on encoder efficientnet-lite0, not efficientnet-lite2; "
+        "pass --encoder efficientnet-lite0"
+    )
 
 
 @pytest.mark.slow
