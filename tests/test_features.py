@@ -7,6 +7,7 @@ of a second; the cache treats every ImageEncoder alike. The photographs are real
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,21 @@ def test_unreadable_photo_is_recorded_as_failed_and_zeroed(tmp_path, photos, cap
     # A reused cache still knows which image failed.
     again = build_feature_cache(small_encoder(), images, tmp_path, progress=False)
     assert again.failed == cache.failed
+
+
+def test_a_photograph_replaced_in_place_is_read_again(tmp_path, photos):
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"this is not a JPEG file")
+    images = [photos[0], photo]
+    before = build_feature_cache(small_encoder(), images, tmp_path, progress=False)
+    assert list(before.failed) == [1]
+
+    shutil.copyfile(photos[1], photo)
+    after = build_feature_cache(small_encoder(), images, tmp_path, progress=False)
+
+    assert after.failed == {} and after.path != before.path
+    reference = build_feature_cache(small_encoder(), photos[:2], tmp_path, progress=False)
+    np.testing.assert_array_equal(after.features, reference.features)
 
 
 def test_damaged_array_is_rebuilt(tmp_path, photos):

@@ -1,7 +1,8 @@
 """An on-disk cache of pooled image features, so a frozen encoder sees each photograph once.
 
 A cache is two files in the cache folder, named by a key that hashes everything the features
-depend on (encoder name, weights file, preprocessing, and the ordered list of images):
+depend on (encoder name, weights file, preprocessing, and the ordered list of images with each
+file's size and modification time, so that a photograph replaced in place is read again):
 
     <encoder>-<key>.npy    (N, C) float32, memory-mapped; row i belongs to image i
     <encoder>-<key>.json   progress: rows finished so far, images that failed to load
@@ -57,10 +58,20 @@ def cache_key(encoder: ImageEncoder, image_paths: list[Path]) -> str:
         "encoder": encoder.name,
         "weights": encoder.weights_id,
         "preprocessing": encoder.preprocessing.to_dict(),
-        "images": [str(Path(path).resolve()) for path in image_paths],
+        "images": [_file_identity(path) for path in image_paths],
     }
     encoded = json.dumps(description, sort_keys=True).encode()
     return hashlib.sha256(encoded).hexdigest()[:20]
+
+
+def _file_identity(path: str | os.PathLike) -> list:
+    """[resolved path, size, modification time in ns], or the path alone if it cannot be read."""
+    resolved = Path(path).resolve()
+    try:
+        status = resolved.stat()
+    except OSError:
+        return [str(resolved)]
+    return [str(resolved), status.st_size, status.st_mtime_ns]
 
 
 def build_feature_cache(
@@ -102,7 +113,12 @@ def build_feature_cache(
 
     done = state["done"]
     if done >= len(image_paths):
-        log.info("feature cache %s: reusing %d images", array_path.name, len(image_paths))
+        log.info(
+            "feature cache %s: reusing %d images, %d of them unreadable",
+            array_path.name,
+            len(image_paths),
+            len(state["failed"]),
+        )
     else:
         if done:
             log.info("feature cache %s: resuming at image %d", array_path.name, done)
@@ -120,7 +136,7 @@ def build_feature_cache(
         log.info(
             "feature cache %s: %d images encoded, %d unreadable",
             array_path.name,
-            len(image_paths),
+            len(image_paths) - len(state["failed"]),
             len(state["failed"]),
         )
 
