@@ -440,6 +440,14 @@ def test_csv_errors(tmp_path):
     (tmp_path / "huge.csv").write_text('image,caption\na.jpg,"' + "word " * 30_000 + '"\n')
     with pytest.raises(DatasetError, match=r"huge.csv: line 2: field larger than field limit"):
         read_csv(tmp_path / "huge.csv", tmp_path)
+    # A quote left open would otherwise make the rest of the file one caption.
+    (tmp_path / "open.csv").write_text(
+        'image,caption\na.jpg,"A dog\nb.jpg,A cat\n\nc.jpg,"A bird"\n'
+    )
+    with pytest.raises(
+        DatasetError, match=r"open.csv: line 2: a quoted field runs on to line 5; is a quote left"
+    ):
+        read_csv(tmp_path / "open.csv", tmp_path)
 
 
 def test_load_dataset_rejects_unknown_names(tmp_path):

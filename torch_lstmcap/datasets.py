@@ -285,10 +285,21 @@ def read_csv(
         raise DatasetError(f"{label}: the file is empty: {csv_path}")
     delimiter = next((d for d in _CSV_DELIMITERS if d in lines[0]), ",")
     reader = csv.reader(lines, delimiter=delimiter)
+    read = []
     try:
-        rows = iter(list(reader))
+        for row in reader:
+            first_line = read[-1][0] + 1 if read else 1
+            if reader.line_num > first_line:
+                # A quoted caption may hold line breaks in CSV, but in a caption file it is
+                # a quote left open, which would swallow the rows after it.
+                raise DatasetError(
+                    f"{label}: line {first_line}: a quoted field runs on to line "
+                    f"{reader.line_num}; is a quote left open?"
+                )
+            read.append((reader.line_num, row))
     except csv.Error as error:
         raise DatasetError(f"{label}: line {reader.line_num}: {error}") from None
+    rows = iter(row for _, row in read)
     header = [name.strip().lower() for name in next(rows)]
     image_column = _csv_column(header, _CSV_IMAGE_COLUMNS, label)
     caption_column = _csv_column(header, _CSV_CAPTION_COLUMNS, label)
