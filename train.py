@@ -502,6 +502,12 @@ def train(args, runtime: Distributed) -> int:
             torch.cuda.set_rng_state(training["cuda_rng"], device)
         state = {key: training[key] for key in state}
         log.info("resuming after epoch %d (best CIDEr %.3f)", state["epoch"], state["best_cider"])
+        if state["epoch"] >= args.epochs:
+            log.warning(
+                "warning: the run already has %d epochs, --epochs %d: no epoch to train",
+                state["epoch"],
+                args.epochs,
+            )
     if runtime.is_main:
         # Epochs logged after the last checkpoint go; a fresh run also drops the log of an
         # attempt killed before its first checkpoint.

@@ -450,6 +450,13 @@ def test_csv_errors(tmp_path):
         read_csv(tmp_path / "open.csv", tmp_path)
 
 
+def test_karpathy_json_nested_too_deeply_is_one_error(tmp_path):
+    split_file = tmp_path / "dataset_deep.json"
+    split_file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match="cannot parse .*dataset_deep.json: nested too deeply"):
+        load_dataset("karpathy", tmp_path, "train", split_file=split_file)
+
+
 def test_load_dataset_rejects_unknown_names(tmp_path):
     with pytest.raises(DatasetError, match="expected one of flickr8k, coco, karpathy, csv"):
         load_dataset("voc", tmp_path, "train")

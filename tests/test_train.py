@@ -508,6 +508,20 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_run(
 
 
 @pytest.mark.slow
+def test_resume_of_a_finished_run_says_there_is_nothing_to_train(trained, tmp_path, cache, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(trained.run, run)
+    before = (run / "last.safetensors").read_bytes()
+    status, _, stderr = run_main([*flickr8k_args(run, cache), "--resume"])
+    assert status == 0, stderr
+    assert (
+        f"warning: the run already has {EPOCHS} epochs, --epochs {EPOCHS}: no epoch to train"
+        in caplog.messages
+    )
+    assert (run / "last.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
 @needs_coco_mini
 def test_init_from_extend_vocab_keeps_old_rows_and_adds_new_words(trained):
     base = load_checkpoint(trained.best)

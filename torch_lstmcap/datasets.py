@@ -417,6 +417,8 @@ def _read_json(path: Path, label: str) -> object:
         raise DatasetError(f"{label}: file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{label}: cannot parse {path}: {error}") from None
+    except RecursionError:
+        raise DatasetError(f"{label}: cannot parse {path}: nested too deeply") from None
 
 
 def _json_list(data: object, key: str, label: str) -> list:
