@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from shared_data import DATA
 
 import caption
@@ -22,7 +24,7 @@ from torch_lstmcap import inference
 from torch_lstmcap.captioner import Captioner, CaptionerConfig
 from torch_lstmcap.checkpoint import EncoderInfo, save_checkpoint
 from torch_lstmcap.datasets import read_flickr8k
-from torch_lstmcap.encoder import ImageLoadError, build_encoder, load_image
+from torch_lstmcap.encoder import EncoderError, ImageLoadError, build_encoder, load_image
 from torch_lstmcap.inference import ImageCaptioner, default_checkpoint_path, expand_image_paths
 from torch_lstmcap.vocab import Vocabulary
 
@@ -321,6 +323,18 @@ def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
     no_model_line = results["no bundled model"].stderr
     assert str(no_model_dir) in no_model_line
     assert "python train.py" in no_model_line and "--checkpoint" in no_model_line
+
+
+def test_a_checkpoint_of_an_encoder_unknown_here_is_named(checkpoint, tmp_path):
+    with safe_open(str(checkpoint), framework="pt") as reader:
+        tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+        header = reader.metadata()
+    header["encoder"] = json.dumps({**json.loads(header["encoder"]), "name": "resnet9000"})
+    odd = tmp_path / "odd.safetensors"
+    save_file(tensors, str(odd), metadata=header)
+    with pytest.raises(EncoderError) as error:
+        ImageCaptioner.from_checkpoint(odd)
+    assert str(error.value).startswith(f"{odd}: unknown encoder 'resnet9000'; choose one of")
 
 
 def test_odd_file_names_keep_one_line_per_image(checkpoint, photos, tmp_path, capsys):

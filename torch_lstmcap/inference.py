@@ -20,6 +20,7 @@ import torch
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .decoding import DEFAULT_LENGTH_PENALTY, beam_search
 from .encoder import (
+    EncoderError,
     ImageBatch,
     ImageEncoder,
     ImageLoadError,
@@ -78,6 +79,15 @@ class ImageCaptioner:
         """
         device = torch.device(device)
         checkpoint = load_checkpoint(path, device=device)
+        try:
+            encoder = cls._build_encoder(path, checkpoint)
+        except EncoderError as error:
+            raise EncoderError(f"{path}: {error}") from None
+        return cls(checkpoint, encoder, device)
+
+    @staticmethod
+    def _build_encoder(path: str | os.PathLike, checkpoint) -> ImageEncoder:
+        """The encoder the checkpoint was trained with, with its weights and preprocessing."""
         if checkpoint.encoder_state is not None:
             # A fine-tuned encoder travels in the checkpoint; the package weights are not used.
             encoder = build_encoder(checkpoint.encoder.name, pretrained=False)
@@ -96,7 +106,7 @@ class ImageCaptioner:
                 )
         # The checkpoint's preprocessing wins: it is what the decoder's features assume.
         encoder.preprocessing = checkpoint.encoder.preprocessing
-        return cls(checkpoint, encoder, device)
+        return encoder
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
