@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import pickle
-import threading
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -74,10 +73,14 @@ MAX_INPUT_SIZE = 2048
 # The smallest: the encoders halve their input five times.
 MIN_INPUT_SIZE = 32
 
-# PIL warns about large images from inside Image.open, before this module can apply its own
-# limit. The warning is silenced around that call only, and warnings.catch_warnings swaps
-# process-wide state, so loader threads take turns; decoding itself runs outside the lock.
-_OPEN_LOCK = threading.Lock()
+# PIL warns about large images from inside Image.open, before load_image can apply its own
+# limit, and about damaged metadata (EXIF tags running past their block, common in phone
+# photographs) as it skips them. Both would print a stray line per photograph. The filters are
+# process-wide but narrow: only those two kinds of warning, from PIL's own modules. (Swapping
+# filters around each call with warnings.catch_warnings is not thread-safe: a thread loading
+# photographs would silence, or permanently change, the warnings of every other thread.)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class EncoderError(RuntimeError):
@@ -165,11 +168,7 @@ def load_image(
         raise ImageLoadError(f"{path}: cannot open ({_one_line(error)})") from None
 
     try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            # Pixel counts are checked below. PIL also warns about damaged metadata, common
-            # in phone photographs, and goes on; so does this function, without a warning.
-            warnings.simplefilter("ignore")
-            image = Image.open(path)
+        image = Image.open(path)  # pixel counts are checked below
     except Image.DecompressionBombError as error:
         raise ImageLoadError(
             f"{path}: refused as a possible decompression bomb ({error})"
@@ -196,9 +195,7 @@ def load_image(
                 # Only JPEG implements draft; for other formats it does nothing.
                 image.draft(None, (min_side, min_side))
             image.load()
-            with _OPEN_LOCK, warnings.catch_warnings():  # damaged metadata, as above
-                warnings.simplefilter("ignore")
-                ImageOps.exif_transpose(image, in_place=True)
+            ImageOps.exif_transpose(image, in_place=True)
             return _to_rgb(image)
         except Exception as error:
             # A damaged file can make PIL raise almost anything (OSError, SyntaxError,
