@@ -445,9 +445,30 @@ def test_csv_errors(tmp_path):
         'image,caption\na.jpg,"A dog\nb.jpg,A cat\n\nc.jpg,"A bird"\n'
     )
     with pytest.raises(
-        DatasetError, match=r"open.csv: line 2: a quoted field runs on to line 5; is a quote left"
+        DatasetError,
+        match=r"open.csv: line 2: a quoted field runs on over rows such as 'b.jpg,A cat'; is a",
     ):
         read_csv(tmp_path / "open.csv", tmp_path)
+    # In a long file it reaches the csv module's field limit first; the line is still its own.
+    rows = "".join(f"{index}.jpg,A dog runs on the beach\n" for index in range(6000))
+    (tmp_path / "long.csv").write_text('image,caption\na.jpg,"A dog\n' + rows)
+    with pytest.raises(DatasetError, match=r"long.csv: line 2: a quoted field runs on to line"):
+        read_csv(tmp_path / "long.csv", tmp_path)
+
+
+def test_csv_caption_may_span_lines_when_quoted(tmp_path):
+    # As csv.writer and spreadsheets write a caption holding a line break (some COCO captions
+    # do); a line separator inside an unquoted caption does not end its row either.
+    write_photo(tmp_path / "a.jpg")
+    write_photo(tmp_path / "b.jpg")
+    (tmp_path / "captions.csv").write_text(
+        'image,caption\na.jpg,"A dog runs,\nfast"\nb.jpg,A cat\u2028sleeps\n', encoding="utf-8"
+    )
+    dataset = read_csv(tmp_path / "captions.csv", tmp_path)
+    assert [(item.image_id, item.captions) for item in dataset] == [
+        ("a.jpg", ("A dog runs, fast",)),
+        ("b.jpg", ("A cat sleeps",)),
+    ]
 
 
 def test_karpathy_json_nested_too_deeply_is_one_error(tmp_path):

@@ -27,6 +27,7 @@ Layouts, with `root` the folder passed as `--data-root`:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ _FLICKR8K_TOKEN_LINE = re.compile(
 _CSV_DELIMITERS = (",", "\t", "|", ";")
 _CSV_IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name")
 _CSV_CAPTION_COLUMNS = ("caption", "comment", "text")
+_IMAGE_NAME = re.compile(r"\.(jpe?g|png|webp|bmp|gif|tiff?|mpo)$", re.IGNORECASE)
 _CSV_SPLIT_COLUMN = "split"
 
 
@@ -280,24 +282,27 @@ def read_csv(
     csv_path = _absolute(csv_path)
     label = f"csv {csv_path.name}"
     image_root = _require_dir(_absolute(image_root), label)
-    lines = _read_lines(csv_path, label, keep_blank=True)
-    if not lines:
+    text = _read_text(csv_path, label)
+    if not text.strip():
         raise DatasetError(f"{label}: the file is empty: {csv_path}")
-    delimiter = next((d for d in _CSV_DELIMITERS if d in lines[0]), ",")
-    reader = csv.reader(lines, delimiter=delimiter)
+    delimiter = next((d for d in _CSV_DELIMITERS if d in text.partition("\n")[0]), ",")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     read = []
     try:
         for row in reader:
             first_line = read[-1][0] + 1 if read else 1
             if reader.line_num > first_line:
-                # A quoted caption may hold line breaks in CSV, but in a caption file it is
-                # a quote left open, which would swallow the rows after it.
-                raise DatasetError(
-                    f"{label}: line {first_line}: a quoted field runs on to line "
-                    f"{reader.line_num}; is a quote left open?"
-                )
+                # A quoted caption may hold line breaks, but not what looks like a next row:
+                # that is a quote left open, which would swallow the rows after it.
+                _check_no_rows_inside(row, delimiter, label, first_line)
             read.append((reader.line_num, row))
     except csv.Error as error:
+        first_line = read[-1][0] + 1 if read else 1
+        if reader.line_num > first_line:
+            raise DatasetError(
+                f"{label}: line {first_line}: a quoted field runs on to line "
+                f"{reader.line_num} ({error}); is a quote left open?"
+            ) from None
         raise DatasetError(f"{label}: line {reader.line_num}: {error}") from None
     rows = iter(row for _, row in read)
     header = [name.strip().lower() for name in next(rows)]
@@ -387,6 +392,19 @@ def _absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def _check_no_rows_inside(row: list[str], delimiter: str, label: str, line: int) -> None:
+    """Refuse a field spanning lines when one of its later lines starts like a row does, with
+    an image file name and the delimiter."""
+    for field in row:
+        for later in field.splitlines()[1:]:
+            name, found, _ = later.partition(delimiter)
+            if found and _IMAGE_NAME.search(name.strip()):
+                raise DatasetError(
+                    f"{label}: line {line}: a quoted field runs on over rows such as "
+                    f"{later.strip()[:60]!r}; is a quote left open?"
+                )
+
+
 def _clean(caption: str) -> str:
     return " ".join(caption.split())
 
@@ -397,16 +415,19 @@ def _require_dir(path: Path, label: str) -> Path:
     return path
 
 
-def _read_lines(path: Path, label: str, keep_blank: bool = False) -> list[str]:
-    """Lines of a text file, without line ends; blank lines dropped unless keep_blank."""
+def _read_text(path: Path, label: str) -> str:
     # utf-8-sig drops the byte-order mark spreadsheets write; undecodable bytes become U+FFFD
     # rather than stopping the read, and the tokenizer later ignores them.
     try:
-        text = path.read_text(encoding="utf-8-sig", errors="replace")
+        return path.read_text(encoding="utf-8-sig", errors="replace")
     except FileNotFoundError:
         raise DatasetError(f"{label}: file not found: {path}") from None
-    lines = text.splitlines()
-    return lines if keep_blank else [line.strip() for line in lines if line.strip()]
+
+
+def _read_lines(path: Path, label: str) -> list[str]:
+    """The non-blank lines of a text file, stripped."""
+    lines = _read_text(path, label).splitlines()
+    return [line.strip() for line in lines if line.strip()]
 
 
 def _read_json(path: Path, label: str) -> object:
