@@ -340,18 +340,27 @@ def build_model(args, vocab: Vocabulary, encoder, base: Checkpoint | None) -> Ca
     return model
 
 
-def build_optimizer(args, model: Captioner, encoder, steps_per_epoch: int):
+def build_optimizer(
+    args, model: Captioner, encoder, steps_per_epoch: int, warmup_steps: int | None = None
+):
+    """AdamW and its warm-up-then-cosine schedule over ``args.epochs``.
+
+    warmup_steps: the warm-up of the run being resumed; a new run warms up for --warmup-steps,
+        at most a tenth of its steps. A resumed run keeps its own, whatever --epochs says now.
+    Returns: optimizer, scheduler and the warm-up's length in steps.
+    """
     groups = [{"params": list(model.parameters()), "lr": args.lr}]
     if args.fine_tune_encoder:
         groups.append({"params": list(encoder.parameters()), "lr": args.encoder_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     total_steps = args.epochs * steps_per_epoch
-    warmup_steps = min(args.warmup_steps, total_steps // 10)
-    if warmup_steps < args.warmup_steps:
-        log.info("warm-up shortened to %d steps, a tenth of the run", warmup_steps)
+    if warmup_steps is None:
+        warmup_steps = min(args.warmup_steps, total_steps // 10)
+        if warmup_steps < args.warmup_steps:
+            log.info("warm-up shortened to %d steps, a tenth of the run", warmup_steps)
     factor = warmup_cosine(total_steps, warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return optimizer, scheduler
+    return optimizer, scheduler, warmup_steps
 
 
 def make_loader(args, split: Split, vocab: Vocabulary, encoder, runtime: Distributed):
@@ -487,7 +496,9 @@ def train(args, runtime: Distributed) -> int:
             + (f" for {runtime.world_size} processes" if runtime.world_size > 1 else "")
             + "; use a smaller --batch-size"
         )
-    optimizer, scheduler = build_optimizer(args, model, encoder, len(loader))
+    # Runs saved before warm-up was capped warmed up for their full --warmup-steps.
+    warmup = resumed.training.get("warmup_steps", args.warmup_steps) if resumed else None
+    optimizer, scheduler, warmup = build_optimizer(args, model, encoder, len(loader), warmup)
     wrapped = EncoderDecoder(encoder, model) if args.fine_tune_encoder else model
     if runtime.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(wrapped)
@@ -598,6 +609,7 @@ def train(args, runtime: Distributed) -> int:
                 **state,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "warmup_steps": warmup,
                 "rng": torch.get_rng_state(),
             }
             if device.type == "cuda":

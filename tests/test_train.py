@@ -826,7 +826,8 @@ def test_warm_up_takes_at_most_a_tenth_of_the_run(epochs, warmup_steps, first_fu
         lr=1e-3, fine_tune_encoder=False, weight_decay=0.0, epochs=epochs, warmup_steps=warmup_steps
     )
     model = torch.nn.Linear(2, 2)
-    optimizer, scheduler = train.build_optimizer(args, model, None, steps_per_epoch=20)
+    optimizer, scheduler, warmup = train.build_optimizer(args, model, None, steps_per_epoch=20)
+    assert warmup == first_full_step + (warmup_steps > 0)
     rates = []
     for _ in range(epochs * 20):
         rates.append(scheduler.get_last_lr()[0])
@@ -835,3 +836,19 @@ def test_warm_up_takes_at_most_a_tenth_of_the_run(epochs, warmup_steps, first_fu
     assert max(rates) == pytest.approx(1e-3)
     # Warm-up of W steps reaches the full rate at step W - 1.
     assert rates.index(max(rates)) == first_full_step
+
+
+def test_a_resumed_run_keeps_its_warm_up_whatever_epochs_says_now():
+    # Started with 2 epochs of 20 steps: 4 warm-up steps. Resumed with --epochs 200, the cap
+    # of a new run would be 300 steps, which would take the rate down again.
+    args = SimpleNamespace(
+        lr=1e-3, fine_tune_encoder=False, weight_decay=0.0, epochs=200, warmup_steps=300
+    )
+    optimizer, scheduler, warmup = train.build_optimizer(
+        args, torch.nn.Linear(2, 2), None, steps_per_epoch=20, warmup_steps=4
+    )
+    assert warmup == 4
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(1e-3, rel=1e-3)
