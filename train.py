@@ -444,20 +444,20 @@ def train(args, runtime: Distributed) -> int:
         if args.init_from:
             base = load_checkpoint(args.init_from)
     seed_everything(args.seed + runtime.rank)
-    encoder = build_encoder(args.encoder)
-    if base is not None and base.encoder.name != encoder.name:
-        # Before any photograph is encoded with the wrong encoder.
+    if base is not None and base.encoder.name != args.encoder:
+        # Before the encoder is built (its weights may need a download) or used.
         raise CheckpointError(
             f"{args.init_from} was trained on encoder {base.encoder.name}, "
-            f"not {encoder.name}; pass --encoder {base.encoder.name}"
+            f"not {args.encoder}; pass --encoder {base.encoder.name}"
         )
+    encoder = build_encoder(args.encoder)
     train_split = load_split(
         args, "train", encoder, runtime, not args.fine_tune_encoder, limit=args.max_images
     )
     val_split = load_split(args, "val", encoder, runtime, True, limit=args.max_val_images)
     trained_on = {record.image_path for record in train_split.records}
     shared = sum(record.image_path in trained_on for record in val_split.records)
-    if shared:
+    if shared and runtime.is_main:
         # A CSV without a split column, given for both splits, is the usual way here.
         log.warning(
             "warning: %d of the %d validation photographs are also training photographs: "
@@ -513,7 +513,7 @@ def train(args, runtime: Distributed) -> int:
             torch.cuda.set_rng_state(training["cuda_rng"], device)
         state = {key: training[key] for key in state}
         log.info("resuming after epoch %d (best CIDEr %.3f)", state["epoch"], state["best_cider"])
-        if state["epoch"] >= args.epochs:
+        if state["epoch"] >= args.epochs and runtime.is_main:
             log.warning(
                 "warning: the run already has %d epochs, --epochs %d: no epoch to train",
                 state["epoch"],
@@ -870,11 +870,12 @@ def main(argv=None) -> int:
             "can't allocate memory" not in str(error)
         ):
             raise
-        print(
-            "error: out of memory; a smaller --batch-size, --hidden-size or "
-            "--samples-per-image needs less",
-            file=sys.stderr,
+        hint = (
+            ""
+            if args.eval_only
+            else "; a smaller --batch-size, --hidden-size or --samples-per-image needs less"
         )
+        print(f"error: out of memory{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if args.eval_only:

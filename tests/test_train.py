@@ -369,6 +369,16 @@ def test_out_of_memory_is_one_error_line(tmp_path, monkeypatch, error):
     ]
 
 
+def test_out_of_memory_while_scoring_names_no_training_option(tmp_path, monkeypatch):
+    def score_out_of_memory(args):
+        raise MemoryError
+
+    monkeypatch.setattr(train, "evaluate_checkpoint", score_out_of_memory)
+    argv = ["--eval-only", "--checkpoint", str(tmp_path / "m.safetensors")]
+    status, _, stderr = run_main([*argv, "--data-format", "flickr8k", "--data-root", "x"])
+    assert (status, stderr) == (1, "error: out of memory\n")
+
+
 def test_other_runtime_errors_are_not_called_out_of_memory(tmp_path, monkeypatch):
     def run_into_a_bug(args, runtime):
         raise RuntimeError("shapes do not match")
