@@ -134,11 +134,10 @@ def main(argv=None) -> int:
     except (CheckpointError, EncoderError) as error:
         return usage_error(printable(str(error)))
     except OSError as error:
-        return usage_error(f"{printable(str(checkpoint))}: cannot open ({error.strerror})")
+        why = error.strerror or str(error)
+        return usage_error(f"{printable(str(checkpoint))}: cannot open ({printable(why)})")
 
     failed = len(unlisted)
-    for item, error in unlisted:
-        report_error(item, error, args.json)
     results = captioner.caption_files(
         paths,
         batch_size=args.batch_size,
@@ -148,6 +147,8 @@ def main(argv=None) -> int:
         max_length=args.max_length,
     )
     try:
+        for item, error in unlisted:
+            report_error(item, error, args.json)
         for result in results:
             if result.error is not None:
                 failed += 1

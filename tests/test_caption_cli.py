@@ -55,7 +55,7 @@ WITHOUT_BUNDLED_MODEL = (
 ONE_BATCH_AT_A_TIME = (
     "import runpy, sys\n"
     "import torch_lstmcap.inference as inference\n"
-    "inference.DECODE_GROUP = 1\n"
+    "inference.DECODE_ROWS = 1\n"
     "sys.argv = ['caption.py', *sys.argv[1:]]\n"
     "runpy.run_path('caption.py', run_name='__main__')\n"
 )
@@ -122,7 +122,7 @@ def error_lines(stderr: str) -> list[str]:
 def test_folders_decode_in_groups_and_keep_input_order(captioner, monkeypatch, tmp_path):
     # Groups of at least 5 photographs from batches of 3: groups end mid-way through the
     # list, and an unreadable file sits inside one, yet each result is that of its own file.
-    monkeypatch.setattr(inference, "DECODE_GROUP", 5)
+    monkeypatch.setattr(inference, "DECODE_ROWS", 15)  # 5 photographs at beam size 3
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a photograph")
     paths = sorted(FLICKR8K_PHOTOS.glob("*.jpg"))[:10]

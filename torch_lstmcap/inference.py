@@ -33,9 +33,12 @@ from .encoder import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".mpo", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 DEFAULT_MODEL_NAME = "flickr8k_lite0.safetensors"
-# Photographs decoded together by caption_files (see there). A search over 256 photographs
-# costs little more per step than one over 64: the step's products read the same weights.
-DECODE_GROUP = 256
+# Hypotheses (photographs times beam size) that caption_files searches together: 256
+# photographs at beam size 3. A search over 256 photographs costs little more per step than
+# one over 64 (the step's products read the same weights); a larger beam takes fewer of them,
+# as each hypothesis holds a row of log-probabilities over the whole vocabulary.
+DECODE_ROWS = 768
+DEFAULT_BEAM_SIZE = 3
 
 
 def default_checkpoint_path() -> Path:
@@ -118,7 +121,7 @@ class ImageCaptioner:
         self,
         features: torch.Tensor,
         *,
-        beam_size: int = 3,
+        beam_size: int = DEFAULT_BEAM_SIZE,
         top_k: int = 1,
         max_length: int = 20,
         length_penalty: float = DEFAULT_LENGTH_PENALTY,
@@ -161,10 +164,10 @@ class ImageCaptioner:
 
         Photographs are decoded in worker threads; on a GPU, while the encoder runs on the
         previous batch (see :func:`iter_image_batches` for why not on the CPU). The encoder's
-        features are gathered until at least DECODE_GROUP photographs wait, and beam search
-        runs on all of them at once: a decoding step reads the same weights for a few rows or
-        for a few hundred, so fewer, larger steps cost less per photograph. The progress bar
-        counts photographs as they are encoded.
+        features are gathered until at least DECODE_ROWS / beam_size photographs wait, and beam
+        search runs on all of them at once: a decoding step reads the same weights for a few
+        rows or for a few hundred, so fewer, larger steps cost less per photograph. The
+        progress bar counts photographs as they are encoded.
 
         paths: file paths; a single path is one file.
         """
@@ -184,6 +187,7 @@ class ImageCaptioner:
             num_workers=num_workers,
             read_ahead=self.device.type != "cpu",
         )
+        group = max(1, DECODE_ROWS // options.get("beam_size", DEFAULT_BEAM_SIZE))
         waiting: list[tuple[ImageBatch, torch.Tensor | None]] = []
         num_waiting = 0
         for batch in batches:
@@ -192,7 +196,7 @@ class ImageCaptioner:
             num_waiting += len(batch.indices)
             if bar is not None:
                 bar.update(len(batch.indices) + len(batch.errors))
-            if num_waiting >= DECODE_GROUP:
+            if num_waiting >= group:
                 yield from self._decode_waiting(paths, waiting, options)
                 waiting, num_waiting = [], 0
         yield from self._decode_waiting(paths, waiting, options)
