@@ -2,7 +2,7 @@
 
 A cache is two files in the cache folder, named by a key that hashes everything the features
 depend on (encoder name, weights file, preprocessing, and the ordered list of images with each
-file's size and modification time, so that a photograph replaced in place is read again):
+file's size, so that a photograph replaced in place is read again):
 
     <encoder>-<key>.npy    (N, C) float32, memory-mapped; row i belongs to image i
     <encoder>-<key>.json   progress: rows finished so far, images that failed to load
@@ -65,13 +65,16 @@ def cache_key(encoder: ImageEncoder, image_paths: list[Path]) -> str:
 
 
 def _file_identity(path: str | os.PathLike) -> list:
-    """[resolved path, size, modification time in ns], or the path alone if it cannot be read."""
+    """[resolved path, size in bytes], or the path alone if it cannot be read.
+
+    Not the modification time: copies of a dataset on the nodes of a torchrun job have their
+    own, and every rank must find the cache the first rank built.
+    """
     resolved = Path(path).resolve()
     try:
-        status = resolved.stat()
+        return [str(resolved), resolved.stat().st_size]
     except OSError:
         return [str(resolved)]
-    return [str(resolved), status.st_size, status.st_mtime_ns]
 
 
 def build_feature_cache(
