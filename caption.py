@@ -86,6 +86,10 @@ def json_line(record: dict) -> str:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if sys.stderr is None:
+        # Started with stderr closed (2>&-): error lines go nowhere, but libraries (torch's
+        # extension loader among them) still write to it.
+        sys.stderr = open(os.devnull, "w")
     if sys.stdout is None:
         # Started with stdout closed (caption.py photo.jpg >&-): the captions would go nowhere.
         return usage_error("standard output is closed")
@@ -100,7 +104,8 @@ def main(argv=None) -> int:
             if args.checkpoint.is_dir():
                 return usage_error(f"{args.checkpoint}: is a folder, not a checkpoint file")
             if not args.checkpoint.is_file():
-                return usage_error(f"{args.checkpoint}: no such checkpoint file")
+                what = "not a regular file" if args.checkpoint.exists() else "no such file"
+                return usage_error(f"{args.checkpoint}: {what}; pass a checkpoint file")
         except OSError as error:  # a name too long, a folder on the way that may not be searched
             return usage_error(f"{args.checkpoint}: cannot open ({error.strerror})")
 
@@ -180,7 +185,10 @@ def format_result(result, args, single: bool) -> str:
 
 def report_error(image: str, error: str, as_json: bool) -> None:
     """One line on stderr for an image that failed, and its JSON record with ``--json``."""
-    print(f"caption.py: {printable(error)}", file=sys.stderr)
+    try:
+        print(f"caption.py: {printable(error)}", file=sys.stderr)
+    except OSError:
+        pass  # stderr was closed (2>&-): the captions on stdout still go out
     if as_json:
         print(json_line({"image": image, "error": error}), flush=True)
 

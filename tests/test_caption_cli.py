@@ -279,6 +279,22 @@ def test_a_closed_pipe_keeps_the_status_of_an_image_that_failed(checkpoint, phot
     assert (returncode, stderr) == (1, f"caption.py: {gone}: no such file\n")
 
 
+def test_a_closed_stderr_still_lets_the_captions_out(checkpoint, photos, tmp_path):
+    # caption.py ... 2>&-: the error line cannot be written, the captions still can.
+    gone = tmp_path / "gone.jpg"
+    result = subprocess.run(
+        [sys.executable, "caption.py", gone, photos[0], "--checkpoint", checkpoint],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: os.close(2),
+        timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 1
+    [line] = result.stdout.splitlines()
+    assert line.startswith(f"{photos[0]}\t") and len(line) > len(f"{photos[0]}\t")
+
+
 def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
     corrupt = tmp_path / "interrupted.safetensors"
     corrupt.write_bytes(checkpoint.read_bytes()[:-1000])
@@ -300,6 +316,10 @@ def test_usage_errors_exit_2_with_one_line(checkpoint, photos, tmp_path):
         "checkpoint name too long": (
             ["caption.py", photo, "--checkpoint", tmp_path / ("m" * 300 + ".safetensors")],
             "cannot open (File name too long)",
+        ),
+        "checkpoint not a regular file": (
+            ["caption.py", photo, "--checkpoint", "/dev/zero"],
+            "/dev/zero: not a regular file",
         ),
         "beam size over the limit": (
             ["caption.py", photo, "--beam-size", "101"],

@@ -449,6 +449,12 @@ def test_csv_errors(tmp_path):
         match=r"open.csv: line 2: a quoted field runs on over rows such as 'b.jpg,A cat'; is a",
     ):
         read_csv(tmp_path / "open.csv", tmp_path)
+    # Every field quoted, as pandas writes with QUOTE_ALL: the next row's quote closes it.
+    (tmp_path / "quoted.csv").write_text(
+        '"image","caption"\n"a.jpg","A dog\n"b.jpg","A cat"\n"c.jpg","A bird"\n'
+    )
+    with pytest.raises(DatasetError, match=r"quoted.csv: line 2: a quoted field runs on over"):
+        read_csv(tmp_path / "quoted.csv", tmp_path)
     # In a long file it reaches the csv module's field limit first; the line is still its own.
     rows = "".join(f"{index}.jpg,A dog runs on the beach\n" for index in range(6000))
     (tmp_path / "long.csv").write_text('image,caption\na.jpg,"A dog\n' + rows)

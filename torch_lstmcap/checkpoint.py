@@ -176,7 +176,8 @@ def load_checkpoint(
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        what = "not a regular file" if path.exists() else "no such checkpoint file"
+        raise CheckpointError(f"{path}: {what}")
     try:
         # safetensors reports a file it may not read as missing; open() gives the true reason.
         open(path, "rb").close()

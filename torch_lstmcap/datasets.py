@@ -393,12 +393,13 @@ def _absolute(path: str | os.PathLike) -> Path:
 
 
 def _check_no_rows_inside(row: list[str], delimiter: str, label: str, line: int) -> None:
-    """Refuse a field spanning lines when one of its later lines starts like a row does, with
-    an image file name and the delimiter."""
+    """Refuse a field spanning lines when one of its later lines starts like a row does: with
+    an image file name, quoted or not."""
+    ends_name = re.compile(f'["{re.escape(delimiter)}]')
     for field in row:
         for later in field.splitlines()[1:]:
-            name, found, _ = later.partition(delimiter)
-            if found and _IMAGE_NAME.search(name.strip()):
+            name = ends_name.split(later.strip().lstrip('"'), maxsplit=1)[0]
+            if _IMAGE_NAME.search(name.strip()):
                 raise DatasetError(
                     f"{label}: line {line}: a quoted field runs on over rows such as "
                     f"{later.strip()[:60]!r}; is a quote left open?"

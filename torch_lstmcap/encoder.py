@@ -74,13 +74,14 @@ MAX_INPUT_SIZE = 2048
 MIN_INPUT_SIZE = 32
 
 # PIL warns about large images from inside Image.open, before load_image can apply its own
-# limit, and about damaged metadata (EXIF tags running past their block, common in phone
-# photographs) as it skips them. Both would print a stray line per photograph. The filters are
-# process-wide but narrow: only those two kinds of warning, from PIL's own modules. (Swapping
-# filters around each call with warnings.catch_warnings is not thread-safe: a thread loading
-# photographs would silence, or permanently change, the warnings of every other thread.)
+# limit, and about damaged files it still reads (EXIF tags running past their block, common in
+# phone photographs; a malformed MPO or APNG read as a plain JPEG or PNG). Each would print a
+# stray line per photograph. The filters are process-wide but narrow: those two categories,
+# raised from PIL's own modules. (Swapping filters around each call with
+# warnings.catch_warnings is not thread-safe: a thread loading photographs would silence, or
+# permanently change, the warnings of every other thread.)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning, module=r"PIL\.")
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 
 class EncoderError(RuntimeError):
