@@ -188,7 +188,7 @@ def report_error(image: str, error: str, as_json: bool) -> None:
     try:
         print(f"caption.py: {printable(error)}", file=sys.stderr)
     except OSError:
-        pass  # stderr was closed (2>&-): the captions on stdout still go out
+        pass  # stderr cannot be written (open for reading only): the captions still go out
     if as_json:
         print(json_line({"image": image, "error": error}), flush=True)
 

@@ -756,6 +756,13 @@ def _args_json(args) -> dict:
     }
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    # torch reports a failed CPU allocation as a plain RuntimeError.
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    return "can't allocate memory" in str(error)
+
+
 def run_dir(text: str) -> Path:
     """--out: an empty name would put the run's files in the current folder."""
     if not text.strip():
@@ -794,7 +801,7 @@ def check_ranges(parser: argparse.ArgumentParser, args) -> None:
             parser.error(f"{flag} must be a positive number, got {value}")
     not_negative = {"--weight-decay": args.weight_decay, "--length-penalty": args.length_penalty}
     for flag, value in not_negative.items():
-        if value is not None and not (value >= 0 and np.isfinite(value)):
+        if not (value >= 0 and np.isfinite(value)):
             parser.error(f"{flag} must be a number of at least 0, got {value}")
     try:
         device = torch.device(args.device)
@@ -865,10 +872,7 @@ def main(argv=None) -> int:
         print(f"error: {_os_error_message(error)}", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as error:
-        # torch reports a failed CPU allocation as a plain RuntimeError.
-        if not isinstance(error, MemoryError | torch.OutOfMemoryError) and (
-            "can't allocate memory" not in str(error)
-        ):
+        if not _out_of_memory(error):
             raise
         hint = (
             ""

@@ -279,15 +279,26 @@ def test_a_closed_pipe_keeps_the_status_of_an_image_that_failed(checkpoint, phot
     assert (returncode, stderr) == (1, f"caption.py: {gone}: no such file\n")
 
 
-def test_a_closed_stderr_still_lets_the_captions_out(checkpoint, photos, tmp_path):
-    # caption.py ... 2>&-: the error line cannot be written, the captions still can.
+def _close_stderr() -> None:
+    os.close(2)
+
+
+def _read_only_stderr() -> None:
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 2)
+
+
+@pytest.mark.parametrize("spoil", [_close_stderr, _read_only_stderr], ids=["closed", "read-only"])
+def test_an_unusable_stderr_still_lets_the_captions_out(checkpoint, photos, tmp_path, spoil):
+    # caption.py ... 2>&-: the error line cannot be written, the captions still can. Python
+    # starts with sys.stderr None when descriptor 2 is closed; writes to it fail when it is
+    # open for reading only.
     gone = tmp_path / "gone.jpg"
     result = subprocess.run(
         [sys.executable, "caption.py", gone, photos[0], "--checkpoint", checkpoint],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: os.close(2),
+        preexec_fn=spoil,
         timeout=TIMEOUT_S,
     )
     assert result.returncode == 1
